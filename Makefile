@@ -1,0 +1,37 @@
+# The README's two commands: `make quickstart` and `make test`. Both create .venv on first use.
+# GPU users: make ... CONSTRAINTS=   (drops the CPU torch pin; pip then picks the CUDA build)
+VENV ?= .venv
+PYTHON ?= python3
+CONSTRAINTS ?= constraints/cpu.txt
+EXTRAS ?= test,notebooks
+PIP := $(VENV)/bin/pip
+NEAT := $(VENV)/bin/neat
+PYTEST_ARGS ?=
+CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: venv quickstart test test-fast bench clean
+
+venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+comma := ,
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(CONSTRAINT_FLAG) -e ".[$(EXTRAS)]"
+	touch $@
+
+quickstart: venv
+	$(NEAT) fit --config configs/byte_lm_quickstart.yaml
+	$(NEAT) report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt
+
+test: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf runs build dist *.egg-info

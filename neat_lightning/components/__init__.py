@@ -1,0 +1,1 @@
+"""Plain ``torch`` building blocks, importable without Lightning."""

@@ -1,0 +1,187 @@
+"""ByteLM: the small byte-level language model of the Byte Latent Transformer (BLT).
+
+It predicts the next byte, reports bits per byte, generates text with a KV cache (the ``TextGenerator`` protocol),
+and its next-byte entropies drive entropy patching (:mod:`neat_lightning.components.patching`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torchmetrics import MeanMetric
+
+from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
+from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from neat_lightning.modules.optim import default_adamw
+
+
+class ByteLM(L.LightningModule):
+    """Next-byte language model over BLT's 260-id byte vocabulary.
+
+    Batches are ``(B, T + 1)`` int64 id windows (inputs ``[:, :-1]``, targets ``[:, 1:]``); PAD targets are ignored.
+
+    Args:
+        dim: model width.
+        n_layers: transformer blocks.
+        heads: attention heads (``dim`` must divide evenly).
+        block_size: training context length in bytes.
+        window: sliding-window attention span (bytes); ``None`` for full causal attention.
+        mlp_hidden: SwiGLU hidden width; ``None`` for 8/3 * dim rounded up to a multiple of 32.
+        dropout: dropout on attention and residual branches.
+        tie_weights: share the byte embedding with the output head.
+        rope_base: RoPE base frequency.
+        learning_rate: peak AdamW learning rate of the default optimizer (unused when the CLI sets ``optimizer:``).
+        weight_decay: AdamW weight decay on matrices (norm gains and biases are not decayed).
+        warmup_steps: linear warm-up steps of the default schedule, then cosine decay to
+            ``min_lr_ratio * learning_rate`` at the trainer's last step.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        dim: int = 128,
+        n_layers: int = 2,
+        heads: int = 4,
+        block_size: int = 256,
+        window: int | None = None,
+        mlp_hidden: int | None = None,
+        dropout: float = 0.0,
+        tie_weights: bool = True,
+        rope_base: float = 10_000.0,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = TransformerConfig(
+            vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
+            mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=tie_weights, rope_base=rope_base,
+        )
+        self.model = ByteTransformer(self.config)
+        self.val_nats = MeanMetric()  # per-byte mean, weighted by the number of predicted bytes
+
+    # -- model -----------------------------------------------------------------------------------------------------
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B, T) int64 -> next-byte logits (B, T, 260)."""
+        return self.model(ids)
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean next-byte cross-entropy (nats) over non-PAD targets of a (B, T + 1) batch, and their count."""
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self(x)
+        loss = F.cross_entropy(rearrange(logits, "b t v -> (b t) v").float(), y.reshape(-1), ignore_index=PAD_ID)
+        return loss, int((y != PAD_ID).sum())
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", loss / math.log(2))
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, n = self.loss(batch)
+        if n:
+            self.val_nats.update(loss, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_nats.update_count == 0:
+            return
+        nats = self.val_nats.compute()
+        self.val_nats.reset()
+        self.log("val/loss", nats, prog_bar=True, sync_dist=False)
+        self.log("val/bpb", nats / math.log(2), prog_bar=True, sync_dist=False)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        if self.val_nats.update_count == 0:
+            return
+        nats = self.val_nats.compute()
+        self.val_nats.reset()
+        self.log("test/loss", nats)
+        self.log("test/bpb", nats / math.log(2))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+
+    # -- generation (TextGenerator protocol) -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_bytes: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_at_eos: bool = True,
+    ) -> torch.Tensor:
+        """Continue one prompt ``ids`` (T0,) by up to ``max_new_bytes`` ids -> the new ids (N,).
+
+        Uses a KV cache of ``block_size`` positions; when it fills up, the cache is rebuilt from the last
+        ``block_size // 2`` ids (RoPE is relative, so positions restart without harm). ``temperature=0`` is greedy.
+        """
+        was_training = self.training
+        self.eval()
+        cfg, device = self.config, self.device
+        ids = ids.to(device).reshape(-1)
+        if len(ids) == 0:
+            ids = torch.tensor([EOS_ID], device=device)  # an empty prompt starts like a new document
+        context = ids[-cfg.block_size :]
+        out: list[torch.Tensor] = []
+        caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
+        logits = self.model(context[None], 0, caches)[0, -1]
+        pos = len(context)
+        for _ in range(max_new_bytes):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            out.append(nxt)
+            if stop_at_eos and int(nxt) == EOS_ID:
+                break
+            if pos == cfg.block_size:  # cache full: rebuild from the recent half
+                context = torch.cat([ids, torch.stack(out)])[-(cfg.block_size // 2) :]
+                caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
+                logits = self.model(context[None], 0, caches)[0, -1]
+                pos = len(context)
+            else:
+                logits = self.model(nxt.view(1, 1), pos, caches)[0, -1]
+                pos += 1
+        self.train(was_training)
+        return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
+
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_bytes: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continue each prompt; returns only the continuations. Greedy (deterministic) by default."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return [
+            decode(self.generate(encode(p), max_new_bytes, temperature, top_k, generator).cpu()) for p in prompts
+        ]
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits: (V,) -> a sampled id, () int64. ``temperature <= 0`` picks the argmax."""
+    if temperature <= 0:
+        return logits.argmax()
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[0]

@@ -1,0 +1,38 @@
+"""The default optimizer every module falls back to when the CLI sets no ``optimizer:``."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+
+def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: matrices (dim >= 2) decay, gains and biases do not (nanoGPT's split)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_adamw(
+    module: L.LightningModule, learning_rate: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float
+):
+    """AdamW + per-step warm-up/cosine schedule over the trainer's estimated number of optimizer steps."""
+    optimizer = torch.optim.AdamW(decay_groups(module, weight_decay), lr=learning_rate, betas=(0.9, 0.95))
+    total = module.trainer.estimated_stepping_batches if module._trainer is not None else 10_000
+    total = int(total) if math.isfinite(total) else 10_000
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
