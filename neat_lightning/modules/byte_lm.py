@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -16,10 +15,11 @@ from torchmetrics import MeanMetric
 
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
 from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from neat_lightning.modules.base import NeatModule
 from neat_lightning.modules.optim import default_adamw
 
 
-class ByteLM(L.LightningModule):
+class ByteLM(NeatModule):
     """Next-byte language model over BLT's 260-id byte vocabulary.
 
     Batches are ``(B, T + 1)`` int64 id windows (inputs ``[:, :-1]``, targets ``[:, 1:]``); PAD targets are ignored.
