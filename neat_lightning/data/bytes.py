@@ -362,6 +362,9 @@ class ByteTextDataModule(L.LightningDataModule):
         return _PlacedLoader(
             ds, self._place, num_workers=self.num_workers, persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            # a loader without its own generator draws worker seeds from the global RNG at every iter(),
+            # which would shift dropout masks between an uninterrupted and a resumed run
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -10,12 +10,16 @@ each change is recorded in ``module.structure`` (plain, picklable values), writt
 from __future__ import annotations
 
 import importlib
+import random
 from types import MappingProxyType
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 STRUCTURE_KEY = "neat_structure"
+RNG_KEY = "neat_rng_states"
 
 # entry name -> "module:function" called as fn(module, state) before the state dict is loaded
 RESTORERS = MappingProxyType(
@@ -23,6 +27,22 @@ RESTORERS = MappingProxyType(
         "lora": "neat_lightning.components.lora:restore_lora",
     }
 )
+
+
+def rng_states() -> dict[str, Any]:
+    """The process's random states (torch CPU/CUDA, Python): what dropout and sampling consume."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
 
 
 def _resolve(path: str):
@@ -52,8 +72,13 @@ class NeatModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.structure:
             checkpoint[STRUCTURE_KEY] = dict(self.structure)
+        # Lightning does not checkpoint random states; without them a resumed run draws other dropout masks.
+        # Ranks seed identically and consume identically, so rank 0's states serve every rank.
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            set_rng_states(checkpoint[RNG_KEY])  # resuming a fit; plain load_from_checkpoint leaves RNGs alone
         for name, state in checkpoint.get(STRUCTURE_KEY, {}).items():
             if name in self.structure and self.structure[name] == state:
                 continue  # already in this shape (e.g. resuming in the same process)

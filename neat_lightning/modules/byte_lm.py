@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torchmetrics import MeanMetric
 
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
 from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
@@ -64,7 +63,7 @@ class ByteLM(NeatModule):
             mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=tie_weights, rope_base=rope_base,
         )
         self.model = ByteTransformer(self.config)
-        self.val_nats = MeanMetric()  # per-byte mean, weighted by the number of predicted bytes
+        self._eval_sums = torch.zeros(2)  # (sum of nats, predicted bytes) of the running evaluation epoch
 
     # -- model -----------------------------------------------------------------------------------------------------
 
@@ -87,27 +86,30 @@ class ByteLM(NeatModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, n = self.loss(batch)
-        if n:
-            self.val_nats.update(loss, weight=n)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.val_nats.update_count == 0:
-            return
-        nats = self.val_nats.compute()
-        self.val_nats.reset()
-        self.log("val/loss", nats, prog_bar=True, sync_dist=False)
-        self.log("val/bpb", nats / math.log(2), prog_bar=True, sync_dist=False)
+        self._eval_sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
-    def on_test_epoch_end(self) -> None:
-        if self.val_nats.update_count == 0:
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = torch.zeros(2, dtype=torch.float64)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _log_eval(self, split: str) -> None:
+        """Per-byte mean over the whole epoch and all ranks (exact: sums are reduced, not means)."""
+        sums = self.trainer.strategy.reduce(self._eval_sums.to(self.device), reduce_op="sum")
+        if float(sums[1]) == 0:
             return
-        nats = self.val_nats.compute()
-        self.val_nats.reset()
-        self.log("test/loss", nats)
-        self.log("test/bpb", nats / math.log(2))
+        nats = (sums[0] / sums[1]).float()
+        self.log(f"{split}/loss", nats, prog_bar=True, rank_zero_only=True)
+        self.log(f"{split}/bpb", nats / math.log(2), prog_bar=True, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny configs, a subprocess runner for the `neat` CLI, and quiet process-wide settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Two cores: keep each test process to one intra-op thread so the suite's timings are stable.
+torch.set_num_threads(1)
+
+
+def neat(*args: str, cwd: Path | str, timeout: float = 300, check: bool = True, env: dict | None = None):
+    """Run the `neat` console entry point in a fresh interpreter; returns the CompletedProcess."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "neat_lightning.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neat {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+TINY_BYTE_LM = """\
+run_name: tiny
+seed_everything: 7
+trainer:
+  max_steps: {max_steps}
+  val_check_interval: 4
+  check_val_every_n_epoch: null
+  limit_val_batches: 2
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  accelerator: cpu
+  deterministic: true
+checkpoint:
+  every_n_train_steps: {ckpt_every}
+model:
+  class_path: neat_lightning.modules.ByteLM
+  init_args: {{dim: 32, n_layers: 1, heads: 2, block_size: 32, warmup_steps: 2, learning_rate: 0.003}}
+data:
+  class_path: neat_lightning.data.ByteTextDataModule
+  init_args: {{block_size: 32, batch_size: 4, batches_per_epoch: 6}}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """Write a tiny ByteLM config; returns a function (max_steps, ckpt_every) -> path."""
+
+    def make(max_steps: int = 8, ckpt_every: int = 4, name: str = "tiny.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(TINY_BYTE_LM.format(max_steps=max_steps, ckpt_every=ckpt_every))
+        return path
+
+    return make
