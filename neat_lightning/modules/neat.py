@@ -1,0 +1,548 @@
+"""NeatModel: the unified byte model of Project NEAT — a byte transformer with switchable components.
+
+Components (each an exact bypass when switched off, :class:`~neat_lightning.protocols.ComponentSwitchable`):
+
+* ``titans`` — Titans neural long-term memory as context in chosen blocks (:mod:`neat_lightning.components.titans`),
+  with persistent tokens and sliding-window attention for short-term context;
+* ``svf`` — Transformer² singular-value fine-tuning experts over the block linears, one per task type, picked or
+  mixed by a dispatcher from a first pass (:mod:`neat_lightning.components.svf`).
+
+The backbone (:class:`NeatBackbone`) is a plain ``nn.Module``: :meth:`NeatBackbone.forward_hidden` runs over any
+(B, T, C) embeddings — byte embeddings today, patch embeddings when the BLT processor plugs in — and returns hidden
+states plus the memory state, so segments can be streamed.
+
+The module implements ``TextGenerator`` (``generate_text``), ``MemoryConsolidator`` (``memory_snapshot``,
+``consolidation_loss``, ``consolidate``, ``reset_short_term``) and ``ComponentSwitchable``. Which components are
+active is written to checkpoints (``"neat_components"``) and replayed before the weights load, so
+``NeatModel.load_from_checkpoint(path)`` alone rebuilds it; SVF's decomposition and ``z`` vectors are buffers and
+parameters of the state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from neat_lightning.components.svf import SVFLinear, TaskDispatcher, inject_svf, svf_layers, svf_mixture
+from neat_lightning.components.titans import (
+    MemoryBlock,
+    MemoryState,
+    MemoryStats,
+    TitansConfig,
+    detach_state,
+)
+from neat_lightning.components.transformer import ByteTransformer, TransformerConfig, rope_angles
+from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from neat_lightning.data.math import TASK_TYPES
+from neat_lightning.modules.base import NeatModule
+from neat_lightning.modules.byte_lm import sample_next
+from neat_lightning.modules.optim import default_adamw
+
+COMPONENTS_KEY = "neat_components"
+COMPONENT_NAMES = ("titans", "svf")
+DEFAULT_SVF_TASKS = (*TASK_TYPES, "general")  # the seed's 8 experts: the 7 task types and a general one
+
+
+class BackboneOutput(NamedTuple):
+    hidden: torch.Tensor  # (B, T, C) after the final norm
+    states: list[MemoryState | None]  # one per memory block
+    stats: list[MemoryStats]  # one per active memory block
+
+
+class NeatBackbone(ByteTransformer):
+    """A :class:`ByteTransformer` whose ``memory_layers`` blocks are :class:`MemoryBlock` s.
+
+    The base weights are initialised exactly as ``ByteTransformer(config)`` (the memory blocks are built afterwards
+    and take over the plain blocks' weights), so with the same seed a model with and without memory share them.
+    """
+
+    def __init__(self, config: TransformerConfig, titans: TitansConfig | None, memory_layers: Sequence[int]) -> None:
+        super().__init__(config)
+        self.memory_layers = tuple(memory_layers) if titans is not None else ()
+        for i in self.memory_layers:
+            block = MemoryBlock(config, titans)
+            block.load_state_dict(self.blocks[i].state_dict(), strict=False)
+            self.blocks[i] = block
+
+    def memory_blocks(self) -> list[MemoryBlock]:
+        return [b for b in self.blocks if isinstance(b, MemoryBlock)]
+
+    def forward_hidden(
+        self,
+        x: torch.Tensor,
+        start_pos: int = 0,
+        states: Sequence[MemoryState | None] | None = None,
+        record: bool = False,
+    ) -> BackboneOutput:
+        """Embeddings x (B, T, C) -> normalised hidden states (B, T, C), next memory states, surprise stats.
+
+        ``states`` (one per memory block, from a previous segment) continue the long-term memory across calls.
+        """
+        positions = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
+        cos, sin = rope_angles(positions, self.config.dim_head, self.config.rope_base)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mem_blocks = self.memory_blocks()
+        states = list(states) if states is not None else [None] * len(mem_blocks)
+        if len(states) != len(mem_blocks):
+            raise ValueError(f"states has {len(states)} entries but the backbone has {len(mem_blocks)} memory blocks")
+        new_states: list[MemoryState | None] = []
+        stats: list[MemoryStats] = []
+        j = 0
+        for block in self.blocks:
+            if isinstance(block, MemoryBlock):
+                x, state, stat = block.forward_memory(x, cos, sin, positions, states[j], record=record)
+                new_states.append(state)
+                if stat is not None:
+                    stats.append(stat)
+                j += 1
+            else:
+                x = block(x, cos, sin, positions)
+        return BackboneOutput(self.norm(x), new_states, stats)
+
+
+class NeatModel(NeatModule):
+    """Byte transformer with switchable Titans memory and Transformer² SVF experts.
+
+    Batches are the :class:`~neat_lightning.data.math.MathDataModule` dicts (``ids`` (B, T + 1), ``answer_ids``,
+    ``task``) or plain ``(B, T + 1)`` id tensors. Logged: ``train/loss``, ``val/loss``, ``val/bpb``,
+    ``val/exact_match`` and ``val/exact_match/<task>``, ``memory/surprise``, ``memory/utilization`` and, with SVF
+    dispatch, ``train/dispatch_loss`` / ``val/dispatch_acc``.
+
+    Exact match is measured teacher-forced: a completion counts when the argmax prediction of every one of its
+    bytes is right, which is exactly when greedy decoding from the prompt would reproduce it (a lower bound on
+    generative accuracy: another correct solution text would not count).
+
+    Args:
+        dim: model width.
+        n_layers: transformer blocks.
+        heads: attention heads.
+        block_size: training context length in bytes.
+        window: sliding-window attention span (bytes) — the short-term context; ``None`` for full attention.
+        mlp_hidden: SwiGLU hidden width; ``None`` for 8/3 * dim rounded up to 32.
+        dropout: dropout on attention and residual branches.
+        rope_base: RoPE base frequency.
+        titans: build the Titans memory component.
+        memory_layers: indices of blocks with memory as context; ``None`` for the last block.
+        titans_config: memory settings (seed: persistent 128, memory 2048, surprise threshold 0.5).
+        svf: build the SVF component (experts over the block linears matched by ``svf_targets``).
+        svf_tasks: expert names; data task types map to the expert of the same name, else to ``general`` if
+            present, else to the base model.
+        svf_rank: singular directions per matrix; ``None`` for all.
+        svf_method: ``"full"`` SVD or ``"randomized"`` (needs ``svf_rank``) for large matrices.
+        svf_targets: regex over backbone module names of the linears to adapt.
+        svf_dispatch: ``"oracle"`` uses the batch's task labels; ``"classify"`` / ``"mixture"`` use the
+            dispatcher's first pass (trained on the labels while SVF is active).
+        svf_freeze_base: while SVF is active only ``z`` and the dispatcher train (other gradients are dropped).
+        dispatch_prefix: leading bytes the dispatcher pools (the start of the prompt).
+        active_components: components active from the start (others wait for ``set_component_active`` /
+            the ComponentSchedule callback).
+        answer_weight: loss weight of completion bytes (solution + answer) relative to other bytes.
+        learning_rate, weight_decay, warmup_steps, min_lr_ratio: the default AdamW + warm-up/cosine schedule.
+    """
+
+    def __init__(
+        self,
+        dim: int = 128,
+        n_layers: int = 2,
+        heads: int = 4,
+        block_size: int = 256,
+        window: int | None = 64,
+        mlp_hidden: int | None = None,
+        dropout: float = 0.0,
+        rope_base: float = 10_000.0,
+        titans: bool = True,
+        memory_layers: list[int] | None = None,
+        titans_config: TitansConfig = TitansConfig(),
+        svf: bool = True,
+        svf_tasks: list[str] = list(DEFAULT_SVF_TASKS),
+        svf_rank: int | None = None,
+        svf_method: Literal["full", "randomized"] = "full",
+        svf_targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(w1|w2|w3))",
+        svf_dispatch: Literal["oracle", "classify", "mixture"] = "classify",
+        svf_freeze_base: bool = True,
+        dispatch_prefix: int = 32,
+        active_components: list[str] = ["titans"],
+        answer_weight: float = 1.0,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if memory_layers is not None:
+            for i in memory_layers:
+                if not 0 <= i < n_layers:
+                    raise ValueError(f"memory_layers={memory_layers}: layer {i} is not in [0, n_layers={n_layers})")
+        if svf and not svf_tasks:
+            raise ValueError("svf_tasks=[] must name at least one expert when svf=True")
+        if answer_weight <= 0:
+            raise ValueError(f"answer_weight={answer_weight} must be > 0")
+        if svf_dispatch not in ("oracle", "classify", "mixture"):
+            raise ValueError(f"svf_dispatch={svf_dispatch!r} must be 'oracle', 'classify' or 'mixture'")
+        built = [n for n, on in (("titans", titans), ("svf", svf)) if on]
+        for name in active_components:
+            if name not in built:
+                raise ValueError(f"active_components: {name!r} is not a built component; built: {built}")
+        if isinstance(titans_config, dict):  # as stored in checkpoints (plain values load with weights_only=True)
+            titans_config = TitansConfig(**titans_config)
+        if not isinstance(titans_config, TitansConfig):
+            raise TypeError(f"titans_config must be a TitansConfig, got {type(titans_config).__name__}")
+        self.save_hyperparameters(ignore=["titans_config"])
+        self.hparams["titans_config"] = asdict(titans_config)
+        self.config = TransformerConfig(
+            vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
+            mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=True, rope_base=rope_base,
+        )
+        layers = list(memory_layers) if memory_layers is not None else [n_layers - 1]
+        self.model = NeatBackbone(self.config, titans_config if titans else None, layers)
+        self.components: tuple[str, ...] = tuple(built)
+        self.svf_tasks = tuple(svf_tasks) if svf else ()
+        self.svf_names: list[str] = []
+        self.dispatcher: TaskDispatcher | None = None
+        if svf:
+            self.svf_names = inject_svf(self.model, svf_targets, len(svf_tasks), svf_rank, svf_method)
+            if svf_dispatch != "oracle":
+                self.dispatcher = TaskDispatcher(dim, len(svf_tasks), svf_dispatch, dispatch_prefix)
+        # data task index -> expert index (-1: no expert, base model)
+        general = self.svf_tasks.index("general") if "general" in self.svf_tasks else -1
+        expert = [self.svf_tasks.index(t) if t in self.svf_tasks else general for t in TASK_TYPES]
+        self.register_buffer("task_to_expert", torch.tensor(expert, dtype=torch.long), persistent=False)
+        self.active: set[str] = set()
+        for name in built:
+            self.set_component_active(name, name in active_components)
+        self._val: dict[str, torch.Tensor] = {}
+
+    # -- components (ComponentSwitchable) --------------------------------------------------------------------------
+
+    def set_component_active(self, name: str, active: bool, decompose: bool = True) -> None:
+        """Switch a component on or off. Switching SVF on decomposes its weights the first time (``decompose``)."""
+        if name not in self.components:
+            raise ValueError(f"unknown component {name!r}; this NeatModel has {list(self.components)}")
+        if name == "titans":
+            for block in self.model.memory_blocks():
+                block.memory_active = active
+        elif name == "svf":
+            for layer in svf_layers(self.model):
+                if active and decompose and not bool(layer.decomposed):
+                    layer.decompose()
+                layer.svf_active = active
+        if active:
+            self.active.add(name)
+        else:
+            self.active.discard(name)
+
+    def is_active(self, name: str) -> bool:
+        return name in self.active
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[COMPONENTS_KEY] = {"built": list(self.components), "active": sorted(self.active)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(COMPONENTS_KEY)
+        if saved is None:
+            return
+        if list(saved["built"]) != list(self.components):
+            raise ValueError(
+                f"checkpoint components {saved['built']} do not match this NeatModel's components "
+                f"{list(self.components)} (fields titans= / svf=)"
+            )
+        for name in self.components:  # decomposition buffers come with the state dict loaded right after
+            self.set_component_active(name, name in saved["active"], decompose=False)
+
+    # -- model -----------------------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        ids: torch.Tensor,
+        states: Sequence[MemoryState | None] | None = None,
+        mix: torch.Tensor | None = None,
+        record: bool = False,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, BackboneOutput]:
+        """ids (B, T) -> logits (B, T, 260) and the backbone output; ``mix`` (B, n_experts) selects SVF experts."""
+        with svf_mixture(svf_layers(self.model), mix if self.is_active("svf") else None):
+            out = self.model.forward_hidden(self.model.embed(ids), start_pos, states, record)
+        return self.model.head(out.hidden), out
+
+    def forward(self, ids: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: (B, T) int64 -> next-byte logits (B, T, 260)."""
+        return self.run(ids, mix=mix)[0]
+
+    def expert_mix(self, task: torch.Tensor) -> torch.Tensor:
+        """Data task indices (B,) -> one-hot expert weights (B, n_experts) (zeros where no expert applies)."""
+        expert = self.task_to_expert[task]  # (B,)
+        mix = F.one_hot(expert.clamp_min(0), len(self.svf_tasks)).float()
+        return mix * (expert >= 0).unsqueeze(-1).float()
+
+    def dispatch(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dispatcher's first pass: base model (no experts) hidden states -> expert logits (B, n_experts)."""
+        with torch.no_grad():
+            hidden = self.run(ids, mix=None)[1].hidden
+        return self.dispatcher(hidden.detach(), ids != PAD_ID)
+
+    def choose_mix(self, ids: torch.Tensor, task: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """SVF expert weights for a batch (``None`` when SVF is off) and the dispatcher logits (or ``None``)."""
+        if not self.is_active("svf"):
+            return None, None
+        if self.dispatcher is None or (self.training and task is not None):
+            logits = self.dispatch(ids) if self.dispatcher is not None else None
+            if task is None:
+                raise ValueError("svf_dispatch='oracle' needs task labels in the batch (a 'task' entry)")
+            return self.expert_mix(task), logits
+        logits = self.dispatch(ids)
+        return self.dispatcher.mix(logits), logits
+
+    @staticmethod
+    def unpack(batch: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if isinstance(batch, torch.Tensor):
+            return batch, None, None
+        return batch["ids"], batch.get("answer_ids"), batch.get("task")
+
+    def loss_terms(self, batch, record: bool = False) -> dict[str, Any]:
+        """Forward a batch: weighted next-byte loss, per-byte nats, argmax correctness and memory stats."""
+        ids, answer_ids, task = self.unpack(batch)
+        x, y = ids[:, :-1], ids[:, 1:]
+        mix, dispatch_logits = self.choose_mix(x, task)
+        logits, out = self.run(x, mix=mix, record=record)
+        nats = F.cross_entropy(rearrange(logits, "b t v -> b v t").float(), y, ignore_index=PAD_ID, reduction="none")
+        valid = y != PAD_ID
+        weight = valid.float()
+        seg = answer_ids[:, 1:] if answer_ids is not None else None
+        if seg is not None and self.hparams.answer_weight != 1.0:
+            weight = torch.where(seg > 0, weight * self.hparams.answer_weight, weight)
+        loss = (nats * weight).sum() / weight.sum().clamp_min(1.0)
+        terms = {"loss": loss, "nats": nats, "valid": valid, "logits": logits, "seg": seg, "task": task, "out": out}
+        if dispatch_logits is not None and task is not None:
+            target = self.task_to_expert[task]
+            keep = target >= 0
+            terms["dispatch_loss"] = F.cross_entropy(dispatch_logits[keep], target[keep]) if keep.any() else None
+            terms["dispatch_acc"] = (dispatch_logits.argmax(-1) == target)[keep].float()
+        return terms
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        terms = self.loss_terms(batch, record=self.is_active("titans"))
+        loss = terms["loss"]
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", (terms["nats"] * terms["valid"]).sum() / terms["valid"].sum().clamp_min(1) / math.log(2))
+        if terms.get("dispatch_loss") is not None:
+            self.log("train/dispatch_loss", terms["dispatch_loss"])
+            loss = loss + terms["dispatch_loss"]
+        self.log_memory(terms["out"].stats)
+        return loss
+
+    def log_memory(self, stats: list[MemoryStats], prefix: str = "memory") -> None:
+        if not stats:
+            return
+        surprise = torch.stack([s.surprise.detach() for s in stats]).mean()
+        util = torch.stack([b.memory.utilization() for b in self.model.memory_blocks()]).mean()
+        self.log(f"{prefix}/surprise", surprise)
+        self.log(f"{prefix}/utilization", util)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.is_active("svf") and self.hparams.svf_freeze_base:  # only z (and the dispatcher) train
+            trainable = {id(layer.z) for layer in svf_layers(self.model)}
+            if self.dispatcher is not None:
+                trainable |= {id(p) for p in self.dispatcher.parameters()}
+            for p in self.parameters():
+                if id(p) not in trainable:
+                    p.grad = None
+
+    # -- validation: loss, bpb, exact match per task type ----------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        n = len(TASK_TYPES)
+        self._val = {
+            "nats": torch.zeros((), dtype=torch.float64, device=self.device),
+            "bytes": torch.zeros((), dtype=torch.float64, device=self.device),
+            "correct": torch.zeros(n, dtype=torch.float64, device=self.device),
+            "total": torch.zeros(n, dtype=torch.float64, device=self.device),
+            "dispatch_ok": torch.zeros((), dtype=torch.float64, device=self.device),
+            "dispatch_n": torch.zeros((), dtype=torch.float64, device=self.device),
+        }
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if not self._val:
+            self.on_validation_epoch_start()
+        terms = self.loss_terms(batch)
+        v = self._val
+        v["nats"] += (terms["nats"] * terms["valid"]).sum().double()
+        v["bytes"] += terms["valid"].sum().double()
+        if terms["seg"] is not None and terms["task"] is not None:
+            correct, total = exact_match_counts(terms["logits"], batch["ids"][:, 1:], terms["seg"], terms["task"],
+                                                len(TASK_TYPES))
+            v["correct"] += correct
+            v["total"] += total
+        if "dispatch_acc" in terms:
+            v["dispatch_ok"] += terms["dispatch_acc"].sum().double()
+            v["dispatch_n"] += terms["dispatch_acc"].numel()
+
+    def on_validation_epoch_end(self) -> None:
+        v = self._val
+        if not v or v["bytes"] == 0:
+            return
+        nats = v["nats"] / v["bytes"]
+        self.log("val/loss", nats.float(), prog_bar=True)
+        self.log("val/bpb", (nats / math.log(2)).float(), prog_bar=True)
+        if v["total"].sum() > 0:
+            self.log("val/exact_match", (v["correct"].sum() / v["total"].sum()).float())
+            for i, name in enumerate(TASK_TYPES):
+                if v["total"][i] > 0:
+                    self.log(f"val/exact_match/{name}", (v["correct"][i] / v["total"][i]).float())
+        if v["dispatch_n"] > 0:
+            self.log("val/dispatch_acc", (v["dispatch_ok"] / v["dispatch_n"]).float())
+        self._val = {}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+
+    # -- MemoryConsolidator ----------------------------------------------------------------------------------------
+
+    def memory_snapshot(self) -> dict[str, torch.Tensor]:
+        """High-surprise items of every memory block: ``keys`` (M, d), ``values`` (M, d), ``importance`` (M,),
+        ``layer`` (M,) int64 (which memory block holds the item)."""
+        snaps = [b.memory.snapshot() for b in self.model.memory_blocks()]
+        if not snaps:
+            return {"keys": torch.empty(0, 0), "values": torch.empty(0, 0), "importance": torch.empty(0),
+                    "layer": torch.empty(0, dtype=torch.long)}
+        layer = torch.cat([torch.full((len(s["importance"]),), j, dtype=torch.long) for j, s in enumerate(snaps)])
+        return {
+            "keys": torch.cat([s["keys"] for s in snaps]),
+            "values": torch.cat([s["values"] for s in snaps]),
+            "importance": torch.cat([s["importance"] for s in snaps]),
+            "layer": layer.to(self.device),
+        }
+
+    def consolidation_loss(self, max_items: int | None = None) -> torch.Tensor | None:
+        """Importance-weighted associative loss of the episodic items under the slow memory weights, averaged over
+        memory blocks (differentiable; ``None`` when nothing is stored)."""
+        losses = [b.memory.consolidation_loss(max_items) for b in self.model.memory_blocks()]
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def consolidate(self, steps: int = 1, lr: float = 1e-2, max_items: int | None = 512) -> dict[str, float]:
+        """Replay the episodic items into the slow memory weights: ``steps`` SGD steps of :meth:`consolidation_loss`
+        on the memories' initial weights only. Returns the loss before and after and the item count."""
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        params = [w for b in self.model.memory_blocks() for w in b.memory.weights]
+        items = float(sum(int((b.memory.episodic_importance > 0).sum()) for b in self.model.memory_blocks()))
+        with torch.enable_grad():
+            first = None
+            for _ in range(steps):
+                loss = self.consolidation_loss(max_items)
+                if loss is None:
+                    return {"consolidation_loss": 0.0, "consolidation_loss_after": 0.0, "items": 0.0}
+                first = float(loss) if first is None else first
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        if g is not None:
+                            p.sub_(lr * g)
+            with torch.no_grad():
+                after = self.consolidation_loss(max_items)
+        return {"consolidation_loss": first, "consolidation_loss_after": float(after), "items": items}
+
+    def reset_short_term(self) -> None:
+        """Forget the episodic (short-term) buffers; fast weights are per call and never outlive it."""
+        for block in self.model.memory_blocks():
+            block.memory.clear_episodic()
+
+    # -- generation (TextGenerator) --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        max_new_bytes: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_at_eos: bool = True,
+        task: int | None = None,
+    ) -> torch.Tensor:
+        """Continue one prompt ``ids`` (T0,) by up to ``max_new_bytes`` ids -> the new ids (N,).
+
+        The context beyond ``block_size`` is folded into the long-term memory in segments of ``block_size // 2``
+        (with Titans active; otherwise it is dropped), and the live tail is re-read at every step (no KV cache: the
+        memory-as-context attention needs the readouts). SVF experts come from the dispatcher, or ``task``.
+        """
+        was_training = self.training
+        self.eval()
+        device = self.device
+        seq = ids.to(device).reshape(-1)
+        if len(seq) == 0:
+            seq = torch.tensor([EOS_ID], device=device)
+        mix = None
+        if self.is_active("svf"):
+            head = seq[None, -self.config.block_size :]
+            mix = self.choose_mix(head, torch.tensor([task], device=device) if task is not None else None)[0]
+        states, start = None, 0
+        out: list[torch.Tensor] = []
+        fold = max(1, self.config.block_size // 2)
+        for _ in range(max_new_bytes):
+            while len(seq) - start > self.config.block_size:  # fold the oldest half-block into the memory
+                segment = seq[None, start : start + fold]
+                states = self.run(segment, states, mix=mix)[1].states
+                states = [detach_state(s) for s in states]
+                start += fold
+            logits = self.run(seq[None, start:], states, mix=mix)[0][0, -1]
+            nxt = sample_next(logits, temperature, top_k, generator)
+            out.append(nxt)
+            seq = torch.cat([seq, nxt.view(1)])
+            if stop_at_eos and int(nxt) == EOS_ID:
+                break
+        self.train(was_training)
+        return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
+
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_bytes: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continue each prompt; returns only the continuations. Greedy (deterministic) by default."""
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return [decode(self.generate(encode(p), max_new_bytes, temperature, top_k, generator).cpu()) for p in prompts]
+
+
+def exact_match_counts(
+    logits: torch.Tensor, targets: torch.Tensor, seg: torch.Tensor, task: torch.Tensor, n_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy-equivalent exact match of every completion, counted per task type.
+
+    Args:
+        logits: (B, T, V) next-byte logits.
+        targets: (B, T) target ids.
+        seg: (B, T) completion index of each target (``k >= 1``), 0 elsewhere.
+        task: (B,) task type of each row.
+        n_tasks: number of task types.
+
+    Returns:
+        correct (n_tasks,) and total (n_tasks,) completion counts, float64.
+    """
+    b, t = seg.shape
+    n_seg = int(seg.max()) + 1 if seg.numel() else 1
+    ok = (logits.argmax(dim=-1) == targets) | (seg == 0)
+    gid = (torch.arange(b, device=seg.device)[:, None] * n_seg + seg).reshape(-1)  # (B·T,) unique per completion
+    all_ok = torch.ones(b * n_seg, dtype=torch.long, device=seg.device)
+    all_ok = all_ok.scatter_reduce(0, gid, ok.reshape(-1).long(), reduce="amin")
+    present = torch.zeros(b * n_seg, dtype=torch.bool, device=seg.device)
+    present[gid[seg.reshape(-1) > 0]] = True
+    row_task = task.repeat_interleave(n_seg)
+    correct = torch.zeros(n_tasks, dtype=torch.float64, device=seg.device)
+    total = torch.zeros(n_tasks, dtype=torch.float64, device=seg.device)
+    correct.index_add_(0, row_task[present], all_ok[present].double())
+    total.index_add_(0, row_task[present], torch.ones_like(all_ok[present], dtype=torch.float64))
+    return correct, total
