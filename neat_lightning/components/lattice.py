@@ -1,0 +1,474 @@
+"""A 3D lattice of cells updated by one shared local rule (a 3D neural cellular automaton), with text in and out.
+
+Text enters the *input face* (depth 0) of a ``D × H × W`` lattice of cells with ``C`` state channels, activity
+propagates for ``T`` steps by a rule every cell shares, and a byte decoder cross-attends to the *output face*
+(depth ``D − 1``) to write the answer. One step (Mordvintsev et al. 2020, "Growing Neural Cellular Automata",
+extended to 3D and to plastic connections):
+
+1. perception: the state itself, fixed 3D Sobel (∂/∂d, ∂/∂h, ∂/∂w) and Laplacian kernels applied per channel
+   (``perception="sobel"``) or a learned depthwise 3×3×3 convolution (``perception="depthwise"``), and the
+   *connection message* ``m[x] = 1/26 Σ_k w[x, k]·s[x + o_k]`` gated by the plastic weights ``w`` (D, H, W, 26);
+2. update: an MLP of 1×1×1 convolutions (``nn.Linear`` over channels-last cells);
+3. residual update of the cells that fire this step (stochastic fire rate; in eval the expected update);
+4. optional alive mask (cells with no live neighbour, by the max of channel 0, are zeroed);
+5. boundary condition: the input face is re-imposed every step.
+
+:func:`lattice_step` is a pure function of ``(state, connections)`` and the rule's parameters; no Python loop over
+cells or connections runs anywhere. Every stencil — the gated connection message and the fixed Sobel/Laplacian
+kernels — is one sparse ``(N, N)`` CSR product over all ``N = D·H·W`` cells and the whole batch (the message
+operator's values are the connection weights, gathered once per forward). On CPU this is ~50x faster than 26
+shifted dense adds and needs no ``(B, C, N, 26)`` intermediate; the state is kept cell-major ``(N, B, C)`` so the
+products and the channels-last MLP need no transposes.
+
+Axis legend: ``b`` batch, ``c`` cell channels, ``d h w`` lattice depth/height/width, ``n`` cells (``d·h·w``, or
+``h·w`` on a face), ``k`` neighbour direction, ``j`` perception kernels, ``t`` byte positions, ``e`` model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from neat_lightning.components.plasticity import N_NEIGHBOURS, neighbour_offsets
+from neat_lightning.components.transformer import Block, TransformerConfig, rope_angles
+
+Perception = Literal["sobel", "depthwise"]
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    """Shape and dynamics of the lattice."""
+
+    depth: int = 16  # D: number of layers between the input and output faces
+    height: int = 16  # H
+    width: int = 16  # W
+    channels: int = 16  # C: state channels per cell
+    hidden: int = 64  # width of the update MLP (1x1x1 convs)
+    steps: int = 20  # T: lattice steps per forward; must be >= depth - 1 for the input to reach the output face
+    fire_rate: float = 0.5  # probability a cell updates in a training step (stochastic asynchrony)
+    perception: Perception = "sobel"
+    alive_threshold: float | None = None  # None: every cell is alive; else the NCA alive mask on channel 0
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "height", "width", "channels", "hidden", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 < self.fire_rate <= 1.0:
+            raise ValueError(f"fire_rate={self.fire_rate} must be in (0, 1]")
+        if self.perception not in ("sobel", "depthwise"):
+            raise ValueError(f"perception={self.perception!r} must be 'sobel' or 'depthwise'")
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        return (self.depth, self.height, self.width)
+
+    @property
+    def n_kernels(self) -> int:
+        """Perception kernels per channel besides the identity: 3 Sobel + 1 Laplacian (or as many learned)."""
+        return 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# stencils as sparse operators
+
+
+def sobel_laplacian_kernels() -> torch.Tensor:
+    """Fixed 3D kernels -> (4, 3, 3, 3): Sobel along d, h, w (smoothing [1, 2, 1] ⊗ [1, 2, 1] ⊗ derivative
+    [-1, 0, 1], scaled by 1/32) and the 27-point Laplacian (26 neighbours minus 26·centre, scaled by 1/26)."""
+    smooth = torch.tensor([1.0, 2.0, 1.0])
+    deriv = torch.tensor([-1.0, 0.0, 1.0])
+    sobel_d = torch.einsum("i,j,k->ijk", deriv, smooth, smooth) / 32
+    sobel_h = torch.einsum("i,j,k->ijk", smooth, deriv, smooth) / 32
+    sobel_w = torch.einsum("i,j,k->ijk", smooth, smooth, deriv) / 32
+    lap = torch.ones(3, 3, 3)
+    lap[1, 1, 1] = -26.0
+    return torch.stack([sobel_d, sobel_h, sobel_w, lap / 26])
+
+
+def stencil_indices(size: tuple[int, int, int], offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lattice's connections as sparse-matrix coordinates, in row-major (cell, direction) order.
+
+    Cells are numbered ``n = (d·H + h)·W + w``. Connection ``(x, k)`` links row ``x`` to column ``x + o_k``; those
+    leaving the lattice are dropped.
+
+    Args:
+        size: (D, H, W).
+        offsets: (K, 3) int64 neighbour offsets, lexicographically sorted (so columns increase along a row).
+
+    Returns:
+        ``(rows, cols, flat)``: (nnz,) int64 each; ``flat = x·K + k`` indexes a flattened ``(D, H, W, K)`` field.
+    """
+    D, H, W = size
+    cells = torch.stack(torch.meshgrid(torch.arange(D), torch.arange(H), torch.arange(W), indexing="ij"), -1)
+    cells = rearrange(cells, "d h w three -> (d h w) 1 three")
+    nb = cells + offsets[None]  # (N, K, 3)
+    valid = ((nb >= 0) & (nb < torch.tensor([D, H, W]))).all(-1)  # (N, K)
+    cols = (nb[..., 0] * H + nb[..., 1]) * W + nb[..., 2]
+    n, k = valid.nonzero(as_tuple=True)
+    return n, cols[n, k], n * offsets.shape[0] + k
+
+
+def transpose_permutation(rows: torch.Tensor, cols: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a row-major sparse pattern (rows, cols) of an n-column matrix: the transposed pattern's CSR row pointer
+    (n + 1,) and the permutation ``perm`` such that ``values[perm]`` are the transpose's values in its row-major
+    order (its columns are ``rows[perm]``)."""
+    perm = torch.sort(cols * (int(rows.max()) + 1 if len(rows) else 1) + rows, stable=True).indices
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(cols, minlength=n), 0)
+    return crow, perm
+
+
+def crow_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+    return crow
+
+
+class SparseOperator:
+    """A sparse matrix ``A`` (M, N) and its transpose in CSR form; :meth:`__call__` is ``A @ x`` with the gradient
+    ``Aᵀ @ g`` (MKL CSR products on CPU, cuSPARSE on GPU; no coalescing in the backward)."""
+
+    def __init__(self, a: torch.Tensor, at: torch.Tensor) -> None:
+        self.a, self.at = a, at
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, F) -> (M, F)."""
+        return _SparseMatmul.apply(x, self.a, self.at)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, at):
+        ctx.at = at
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.at @ grad.contiguous(), None, None
+
+
+def _csr(crow, col, values, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only CSR @ dense, long stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the rule
+
+
+class LatticeRule(nn.Module):
+    """The shared local rule: perception (fixed Sobel/Laplacian stencils or a learned depthwise conv, plus the
+    connection message) and the update MLP of 1×1×1 convolutions, written as ``nn.Linear`` over channels-last cells.
+
+    The lattice state lives cell-major, ``(N, B, C)`` with ``N = D·H·W`` cells numbered ``(d·H + h)·W + w``: the
+    input face is rows ``[0, H·W)``, the output face the last ``H·W`` rows, and every stencil is one sparse
+    ``(N, N)`` product over all cells and the whole batch at once.
+    """
+
+    def __init__(self, config: LatticeConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.channels
+        self.depthwise = (
+            nn.Conv3d(C, config.n_kernels * C, 3, padding=1, groups=C, bias=False)
+            if config.perception == "depthwise" else None
+        )
+        n_in = (2 + config.n_kernels) * C  # state, message, kernels
+        self.update = nn.Sequential(nn.Linear(n_in, config.hidden), nn.GELU(), nn.Linear(config.hidden, C))
+        self.build_stencils(config.size)
+
+    def build_stencils(self, size: tuple[int, int, int]) -> None:
+        """(Re)build the size-dependent sparse patterns (non-persistent buffers; derived from the size alone)."""
+        self.config = dataclasses.replace(self.config, depth=size[0], height=size[1], width=size[2])
+        N = size[0] * size[1] * size[2]
+        rows, cols, flat = stencil_indices(size, neighbour_offsets())
+        t_crow, t_perm = transpose_permutation(rows, cols, N)
+        self.register_buffer("msg_crow", crow_from_rows(rows, N), persistent=False)
+        self.register_buffer("msg_cols", cols, persistent=False)
+        self.register_buffer("msg_flat", flat, persistent=False)  # index into connections.reshape(-1)
+        self.register_buffer("msg_t_crow", t_crow, persistent=False)
+        self.register_buffer("msg_t_cols", rows[t_perm], persistent=False)
+        self.register_buffer("msg_t_perm", t_perm, persistent=False)
+        if self.depthwise is None:
+            cube = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)))  # 27 taps incl. the centre
+            r, c, f = stencil_indices(size, cube)
+            taps = rearrange(sobel_laplacian_kernels(), "j a b c -> j (a b c)")[:, f % 27]  # (4, nnz)
+            J = taps.shape[0]
+            rows4 = rearrange(r[None] + N * torch.arange(J)[:, None], "j z -> (j z)")  # stacked (4N, N)
+            cols4 = c.repeat(J)
+            vals4 = rearrange(taps, "j z -> (j z)")
+            t4_crow, t4_perm = transpose_permutation(rows4, cols4, N)
+            self.register_buffer("k_crow", crow_from_rows(rows4, J * N), persistent=False)
+            self.register_buffer("k_cols", cols4, persistent=False)
+            self.register_buffer("k_vals", vals4, persistent=False)
+            self.register_buffer("k_t_crow", t4_crow, persistent=False)
+            self.register_buffer("k_t_cols", rows4[t4_perm], persistent=False)
+            self.register_buffer("k_t_vals", vals4[t4_perm], persistent=False)
+
+    def connection_operator(self, connections: torch.Tensor) -> SparseOperator:
+        """connections (D, H, W, 26) effective weights -> the message operator ``m = A s`` with
+        ``A[x, x + o_k] = w[x, k] / 26``."""
+        if tuple(connections.shape[:3]) != self.config.size:
+            raise ValueError(f"connections shape {tuple(connections.shape)} does not match lattice size {self.config.size}")
+        N = self.msg_crow.numel() - 1
+        values = connections.reshape(-1)[self.msg_flat].to(self.msg_crow.device) / N_NEIGHBOURS
+        a = _csr(self.msg_crow, self.msg_cols, values, (N, N))
+        at = _csr(self.msg_t_crow, self.msg_t_cols, values[self.msg_t_perm], (N, N))
+        return SparseOperator(a, at)
+
+    def kernels(self, state: torch.Tensor) -> torch.Tensor:
+        """Per-channel stencils: state (N, B, C) -> (N, B, 4·C)."""
+        N, B, C = state.shape
+        if self.depthwise is not None:
+            D, H, W = self.config.size
+            x = rearrange(state, "(d h w) b c -> b c d h w", d=D, h=H, w=W)
+            return rearrange(self.depthwise(x), "b cj d h w -> (d h w) b cj")
+        J = self.config.n_kernels
+        op = SparseOperator(
+            _csr(self.k_crow, self.k_cols, self.k_vals.to(state.dtype), (J * N, N)),
+            _csr(self.k_t_crow, self.k_t_cols, self.k_t_vals.to(state.dtype), (N, J * N)),
+        )
+        out = op(rearrange(state, "n b c -> n (b c)"))  # (4N, B·C)
+        return rearrange(out, "(j n) (b c) -> n b (j c)", j=J, b=B)
+
+    def perceive(self, state: torch.Tensor, message: SparseOperator) -> torch.Tensor:
+        """state (N, B, C) -> perception (N, B, (2 + 4)·C): state, connection message, stencils."""
+        N, B, C = state.shape
+        m = rearrange(message(rearrange(state, "n b c -> n (b c)")), "n (b c) -> n b c", b=B)
+        return torch.cat([state, m, self.kernels(state)], dim=-1)
+
+    def forward(self, state: torch.Tensor, message: SparseOperator) -> torch.Tensor:
+        """The update ``Δs``: (N, B, C) -> (N, B, C)."""
+        return self.update(self.perceive(state, message))
+
+
+def activity_from_state(state: torch.Tensor) -> torch.Tensor:
+    """Cell activity in [0, 1): ``tanh(mean_c |s|)``. state (..., C) -> (...)."""
+    return torch.tanh(state.abs().mean(-1))
+
+
+def alive_mask(state: torch.Tensor, size: tuple[int, int, int], threshold: float) -> torch.Tensor:
+    """NCA alive mask: a cell lives if any cell of its 3×3×3 neighbourhood has channel 0 above ``threshold``.
+    state (N, B, C) -> (N, B, 1) bool."""
+    D, H, W = size
+    alpha = rearrange(state[..., 0], "(d h w) b -> b 1 d h w", d=D, h=H, w=W)
+    alive = F.max_pool3d(alpha, 3, stride=1, padding=1) > threshold
+    return rearrange(alive, "b 1 d h w -> (d h w) b 1")
+
+
+def lattice_step(
+    rule: LatticeRule,
+    state: torch.Tensor,
+    connections: torch.Tensor | SparseOperator,
+    input_face: torch.Tensor | None = None,
+    fire_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One lattice step, a pure function of ``(state, connections)``.
+
+    Args:
+        rule: the shared update rule.
+        state: (N, B, C) cell-major state, ``N = D·H·W``.
+        connections: (D, H, W, 26) effective weights, or their prebuilt :meth:`LatticeRule.connection_operator`.
+        input_face: (H·W, B, C) re-imposed on the input face after the update, or None.
+        fire_mask: (N, B, 1) 0/1 cells that update this step; None updates every cell by the expected step
+            ``fire_rate·Δs`` (evaluation).
+
+    Returns:
+        (N, B, C) the next state.
+    """
+    cfg = rule.config
+    op = connections if isinstance(connections, SparseOperator) else rule.connection_operator(connections)
+    delta = rule(state, op)
+    state = state + (delta * fire_mask if fire_mask is not None else cfg.fire_rate * delta)
+    if cfg.alive_threshold is not None:
+        state = state * alive_mask(state, cfg.size, cfg.alive_threshold)
+    if input_face is not None:
+        state = torch.cat([input_face, state[input_face.shape[0] :]], dim=0)
+    return state
+
+
+def run_lattice(
+    rule: LatticeRule,
+    input_face: torch.Tensor,
+    connections: torch.Tensor,
+    steps: int,
+    stochastic: bool,
+    record_activity: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``steps`` lattice steps from a zero lattice whose input face is ``input_face``.
+
+    Args:
+        input_face: (H·W, B, C) encoded input.
+        connections: (D, H, W, 26) effective weights.
+        stochastic: sample each cell's firing with probability ``fire_rate`` (training) or take the expected update.
+        record_activity: also return the batch-mean activity of every step (no gradient), for plasticity.
+
+    Returns:
+        ``(state, activity)``: final (N, B, C) state and (T, D, H, W) activity (or None).
+    """
+    cfg = rule.config
+    n_face, B, C = input_face.shape
+    N = cfg.depth * cfg.height * cfg.width
+    op = rule.connection_operator(connections)  # built once, shared by all steps
+    state = torch.cat([input_face, input_face.new_zeros(N - n_face, B, C)], dim=0)
+    history = []
+    for _ in range(steps):  # over time steps; each step is vectorised over all cells
+        fire = None
+        if stochastic and cfg.fire_rate < 1.0:
+            fire = (torch.rand(N, B, 1, device=state.device, generator=generator) < cfg.fire_rate).to(state.dtype)
+        state = lattice_step(rule, state, op, input_face, fire)
+        if record_activity:
+            history.append(activity_from_state(state.detach()).mean(1).reshape(cfg.size))
+    return state, (torch.stack(history) if record_activity else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# text in, text out
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``x`` (B, T, E) to a memory (B, S, E) with SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, E), memory: (B, S, E), key_mask: (B, S) bool True = attend -> (B, T, E)."""
+        q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.heads)
+        k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class FaceEncoder(nn.Module):
+    """Question bytes -> input face: byte embeddings + a causal transformer block, then one learned query per face
+    cell cross-attends to the bytes and is projected to the cell's ``C`` channels."""
+
+    def __init__(self, channels: int, height: int, width: int, dim: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+        self.tconfig = TransformerConfig(vocab_size=260, dim=dim, n_layers=1, heads=heads, block_size=max_len)
+        self.embed = nn.Embedding(260, dim)
+        self.block = Block(self.tconfig)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.queries = nn.Parameter(torch.randn(height * width, dim) * 0.02)
+        self.attend = CrossAttention(dim, heads)
+        self.out = nn.Linear(dim, channels)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """ids: (B, T) int64 question bytes (PAD-padded) -> input face (B, H·W, C), cells row-major."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        cos, sin = rope_angles(positions, self.tconfig.dim_head, self.tconfig.rope_base)
+        x = self.norm(self.block(self.embed(ids), cos, sin, positions))  # (B, T, E)
+        keep = ids != pad_id
+        keep = keep | ~keep.any(1, keepdim=True)  # an all-PAD row attends everywhere rather than to nothing
+        q = self.queries.expand(ids.shape[0], -1, -1)  # (B, N, E)
+        return self.out(q + self.attend(q, x, keep))  # (B, H·W, C)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention + SwiGLU (a transformer Block) followed by cross-attention to the output face."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.block = Block(config)
+        self.norm = nn.RMSNorm(config.dim, eps=1e-6)
+        self.cross = CrossAttention(config.dim, config.heads)
+
+    def forward(self, x, memory, cos, sin, positions) -> torch.Tensor:
+        x = self.block(x, cos, sin, positions)
+        return x + self.cross(self.norm(x), memory)
+
+
+class FaceDecoder(nn.Module):
+    """A small byte transformer that cross-attends to the output-face cells and predicts the next byte."""
+
+    def __init__(self, channels: int, n_cells: int, dim: int, heads: int, n_layers: int, max_len: int) -> None:
+        super().__init__()
+        self.config = TransformerConfig(vocab_size=260, dim=dim, n_layers=n_layers, heads=heads, block_size=max_len)
+        self.embed = nn.Embedding(260, dim)
+        self.cell_in = nn.Linear(channels, dim)
+        self.cell_pos = nn.Parameter(torch.randn(n_cells, dim) * 0.02)
+        self.memory_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.layers = nn.ModuleList(DecoderLayer(self.config) for _ in range(n_layers))
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, 260, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def memory(self, face: torch.Tensor) -> torch.Tensor:
+        """Output face (B, H·W, C) -> decoder memory (B, H·W, E)."""
+        return self.memory_norm(self.cell_in(face) + self.cell_pos)
+
+    def forward(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """ids: (B, T) int64 (BOS + answer so far), memory: (B, N, E) -> next-byte logits (B, T, 260)."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        cos, sin = rope_angles(positions, self.config.dim_head, self.config.rope_base)
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, memory, cos, sin, positions)
+        return self.head(self.norm(x))
+
+
+class PointwiseAdapter(nn.Module):
+    """The no-lattice baseline's stand-in for the lattice: a residual per-cell MLP on the input face, sized to match
+    the lattice rule's parameter count, with no communication between cells."""
+
+    def __init__(self, channels: int, n_params: int) -> None:
+        super().__init__()
+        hidden = max(1, round((n_params - channels) / (2 * channels + 1)))  # C·h + h + h·C + C = n_params
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+
+    def forward(self, face: torch.Tensor) -> torch.Tensor:
+        """face (B, H·W, C) -> (B, H·W, C)."""
+        return face + self.mlp(face)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# emergence
+
+
+def spectral_emergence(activity: torch.Tensor) -> tuple[float, float]:
+    """Spectral entropy and dominant wavelength of an activity field (3D FFT).
+
+    The mean is removed, the power spectrum ``|FFT|²`` without the DC term is normalised to a distribution ``p``,
+    and its entropy ``−Σ p log p`` is divided by ``log`` of the number of frequencies: 0 for a single plane wave
+    (one spatial pattern dominates), 1 for white noise (no structure). The dominant wavelength is ``1/|f|`` in cells
+    of the strongest frequency ``f`` (cycles per cell).
+
+    Args:
+        activity: (D, H, W) float.
+
+    Returns:
+        ``(entropy, wavelength)``; ``(0.0, 0.0)`` for a constant field.
+    """
+    field = activity.float() - activity.float().mean()
+    power = torch.fft.fftn(field).abs().square().reshape(-1)[1:]  # drop DC
+    total = power.sum()
+    if power.numel() < 2 or total <= 1e-12 * max(1.0, float(field.abs().max()) ** 2):
+        return 0.0, 0.0
+    p = power / total
+    entropy = float(-(p * torch.log(p.clamp_min(1e-30))).sum() / math.log(p.numel()))
+    freqs = torch.stack(
+        torch.meshgrid(*(torch.fft.fftfreq(n) for n in activity.shape), indexing="ij"), dim=-1
+    ).reshape(-1, 3)[1:]  # (N - 1, 3) cycles per cell
+    wavelength = float(1.0 / freqs[power.argmax()].norm())
+    return entropy, wavelength

@@ -1,0 +1,383 @@
+"""LatticeNetwork: question bytes → input face of a 3D cellular lattice → output face → answer bytes.
+
+The lattice (:mod:`neat_lightning.components.lattice`) runs ``steps`` updates of one shared local rule; its plastic
+connection weights (D, H, W, 26) are a buffer changed only by the plasticity rules
+(:mod:`neat_lightning.components.plasticity`) between optimiser steps, under the active profile (the ``Plastic``
+protocol, driven by :class:`~neat_lightning.callbacks.PlasticityStages`). Gradients train the encoder, the rule and the
+decoder with answer-byte cross-entropy (+ an optional cluster coordination term).
+
+Structure that survives checkpoints: the lattice size and the current profile / clustering switch are recorded as
+the structural entry ``"lattice"`` (see :class:`~neat_lightning.modules.base.NeatModule`) and replayed by
+:func:`restore_lattice` before the weights load — a lattice grown during training is rebuilt at its grown size;
+pruning masks, cluster ids, centroids, STDP traces and BCM thresholds are buffers in the state dict.
+
+Logged: ``train/loss``, ``val/loss``, ``val/exact_match``, ``lattice/activity`` (fraction of cells above the
+profile's activity threshold), ``lattice/emergence`` (normalised spectral entropy of the activity field),
+``lattice/wavelength``, ``lattice/clusters``, ``lattice/sparsity``.
+
+``use_lattice=False`` is the no-lattice baseline: the input face goes through a per-cell MLP with the rule's
+parameter count straight to the decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from neat_lightning.components.clustering import CosineKMeans, cluster_count, coordination_loss
+from neat_lightning.components.lattice import (
+    FaceDecoder,
+    FaceEncoder,
+    LatticeConfig,
+    LatticeRule,
+    Perception,
+    PointwiseAdapter,
+    activity_from_state,
+    run_lattice,
+    spectral_emergence,
+)
+from neat_lightning.components.plasticity import (
+    N_NEIGHBOURS,
+    PlasticityConfig,
+    PlasticityProfile,
+    PlasticityState,
+    magnitude_prune_mask,
+    plasticity_update,
+    profile_by_name,
+)
+from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
+from neat_lightning.modules.base import RESTORERS, STRUCTURE_KEY, NeatModule
+from neat_lightning.modules.optim import default_adamw
+
+log = logging.getLogger(__name__)
+
+STRUCTURE_NAME = "lattice"
+
+
+class LatticeNetwork(NeatModule):
+    """A 3D neural cellular automaton with plastic connections that answers questions byte by byte.
+
+    Batches are dicts from :class:`~neat_lightning.data.QADataModule`: ``question`` (B, Lq) and ``answer``
+    (B, La + 2) int64 ids (answers framed by BOS/EOS, PAD-padded).
+
+    Args:
+        depth: lattice depth D (input face at 0, output face at D - 1).
+        height: lattice height H (face rows).
+        width: lattice width W (face columns).
+        channels: state channels C per cell.
+        hidden: width of the rule's update MLP.
+        steps: lattice steps per forward; ``>= depth - 1`` so the input can reach the output face.
+        fire_rate: probability a cell updates in a training step.
+        perception: ``"sobel"`` (fixed Sobel + Laplacian kernels) or ``"depthwise"`` (learned depthwise conv).
+        alive_threshold: NCA alive-mask threshold on channel 0, None to keep every cell alive.
+        use_lattice: False gives the no-lattice baseline (encoder -> per-cell MLP of equal size -> decoder).
+        encoder_dim: width of the byte encoder.
+        decoder_dim: width of the byte decoder.
+        heads: attention heads of encoder and decoder.
+        decoder_layers: decoder layers (self-attention + cross-attention to the output face).
+        max_question_bytes: question length Lq the encoder is built for (longer prompts keep their end).
+        max_answer_bytes: answer length the decoder is trained on.
+        plasticity: base rates and weight bounds of the plasticity rules.
+        plasticity_enabled: apply plasticity after each optimiser step.
+        profile: initial plasticity profile (``discovery``, ``learning``, ``consolidation``, ``freeze``).
+        n_clusters: K of the functional clustering.
+        cluster_sample: cells sampled per k-means update.
+        clustering: start with clustering on (PlasticityStages turns it on from stage 3).
+        cluster_coordination: weight of the cluster coordination loss (0 = off).
+        metrics_every: log lattice metrics (activity, emergence, clusters) every this many steps.
+        lattice_seed: seed of the stochastic firing and cluster sampling (per step, so resumes are exact).
+        learning_rate: peak AdamW learning rate of the default optimizer.
+        weight_decay: AdamW weight decay on matrices.
+        warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        depth: int = 16,
+        height: int = 16,
+        width: int = 16,
+        channels: int = 16,
+        hidden: int = 64,
+        steps: int = 20,
+        fire_rate: float = 0.5,
+        perception: Perception = "sobel",
+        alive_threshold: float | None = None,
+        use_lattice: bool = True,
+        encoder_dim: int = 64,
+        decoder_dim: int = 128,
+        heads: int = 4,
+        decoder_layers: int = 2,
+        max_question_bytes: int = 48,
+        max_answer_bytes: int = 40,
+        plasticity: PlasticityConfig = PlasticityConfig(),
+        plasticity_enabled: bool = True,
+        profile: str = "discovery",
+        n_clusters: int = 8,
+        cluster_sample: int = 4096,
+        clustering: bool = False,
+        cluster_coordination: float = 0.0,
+        metrics_every: int = 10,
+        lattice_seed: int = 0,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if use_lattice and steps < depth - 1:
+            raise ValueError(f"steps={steps} must be >= depth - 1 = {depth - 1} for the input to reach the output face")
+        if metrics_every < 1:
+            raise ValueError(f"metrics_every={metrics_every} must be >= 1")
+        if cluster_coordination < 0:
+            raise ValueError(f"cluster_coordination={cluster_coordination} must be >= 0")
+        self.config = LatticeConfig(depth, height, width, channels, hidden, steps, fire_rate, perception, alive_threshold)
+        self.plasticity_config = plasticity
+        self.profile = profile_by_name(profile)
+        self.clustering_enabled = clustering
+        self.encoder = FaceEncoder(channels, height, width, encoder_dim, heads, max_question_bytes)
+        self.decoder = FaceDecoder(channels, height * width, decoder_dim, heads, decoder_layers, max_answer_bytes + 2)
+        rule = LatticeRule(self.config)
+        if use_lattice:
+            self.rule = rule
+        else:
+            self.adapter = PointwiseAdapter(channels, sum(p.numel() for p in rule.parameters()))
+        self.kmeans = CosineKMeans(n_clusters, channels, cluster_sample)
+        self._allocate(self.config.size)
+        with torch.no_grad():
+            self.connections.uniform_(0.5, 1.5)
+        self._last_activity: torch.Tensor | None = None  # (T, D, H, W) of the last training forward
+        self._last_cells: torch.Tensor | None = None  # (D·H·W, C) batch-mean final state
+        self._record()
+
+    # -- structure -------------------------------------------------------------------------------------------------
+
+    def _allocate(self, size: tuple[int, int, int]) -> None:
+        """(Re)create every buffer whose shape is the lattice size; values are reset (weights load afterwards)."""
+        D, H, W = size
+        device = self.encoder.queries.device
+        self.register_buffer("connections", torch.zeros(D, H, W, N_NEIGHBOURS, device=device))
+        self.register_buffer("connection_mask", torch.ones(D, H, W, N_NEIGHBOURS, dtype=torch.bool, device=device))
+        self.register_buffer("cluster_ids", torch.zeros(D, H, W, dtype=torch.long, device=device))
+        self.register_buffer("trace", torch.zeros(D, H, W, device=device))
+        self.register_buffer("theta", torch.zeros(D, H, W, device=device))
+
+    def _record(self) -> None:
+        self.record_structure(
+            STRUCTURE_NAME,
+            {
+                "size": list(self.config.size),
+                "profile": dataclasses.asdict(self.profile),
+                "clustering": bool(self.clustering_enabled),
+            },
+        )
+
+    def resize_lattice(self, size: tuple[int, int, int]) -> None:
+        """Rebuild the module for a lattice of ``size`` (D, H, W): buffers and face-sized parameters get new shapes
+        (zeroed; a checkpoint's weights fill them). Used when a checkpoint records a grown lattice."""
+        D, H, W = (int(s) for s in size)
+        if min(D, H, W) < 1:
+            raise ValueError(f"lattice size={tuple(size)} must be positive")
+        if self.hparams.use_lattice and self.config.steps < D - 1:
+            raise ValueError(f"lattice size depth={D} needs steps >= {D - 1}, the module has steps={self.config.steps}")
+        self.config = dataclasses.replace(self.config, depth=D, height=H, width=W)
+        if self.hparams.use_lattice:
+            self.rule.build_stencils((D, H, W))
+        self.encoder.height, self.encoder.width = H, W
+        dev = self.encoder.queries.device
+        self.encoder.queries = torch.nn.Parameter(torch.zeros(H * W, self.encoder.queries.shape[1], device=dev))
+        self.decoder.cell_pos = torch.nn.Parameter(torch.zeros(H * W, self.decoder.cell_pos.shape[1], device=dev))
+        self._allocate((D, H, W))
+        self._record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        structure = checkpoint.get(STRUCTURE_KEY, {})
+        if STRUCTURE_NAME in structure and STRUCTURE_NAME not in RESTORERS:
+            # until base.RESTORERS names restore_lattice, replay our own entry here (same effect, same order)
+            restore_lattice(self, structure[STRUCTURE_NAME])
+            checkpoint = {**checkpoint, STRUCTURE_KEY: {k: v for k, v in structure.items() if k != STRUCTURE_NAME}}
+        super().on_load_checkpoint(checkpoint)
+
+    # -- Plastic protocol and stage hooks --------------------------------------------------------------------------
+
+    def set_plasticity_profile(self, profile: PlasticityProfile) -> None:
+        """Switch the rules' learning-rate multipliers and activity threshold (the ``Plastic`` protocol)."""
+        if not isinstance(profile, PlasticityProfile):
+            raise TypeError(f"profile must be a PlasticityProfile, got {type(profile).__name__}")
+        self.profile = profile
+        self._record()
+
+    def set_clustering_enabled(self, enabled: bool) -> None:
+        self.clustering_enabled = bool(enabled)
+        self._record()
+
+    @torch.no_grad()
+    def prune_connections(self, sparsity: float) -> float:
+        """Global magnitude pruning of the connections to ``sparsity``; returns the sparsity reached."""
+        self.connection_mask.copy_(magnitude_prune_mask(self.connections, self.connection_mask, sparsity))
+        self.connections.mul_(self.connection_mask)
+        return self.sparsity
+
+    @property
+    def sparsity(self) -> float:
+        return float((~self.connection_mask).float().mean())
+
+    # -- model -----------------------------------------------------------------------------------------------------
+
+    def effective_connections(self) -> torch.Tensor:
+        return self.connections * self.connection_mask
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(int(self.hparams.lattice_seed) * 1_000_003 + int(self.global_step if self._trainer else 0))
+
+    def encode_questions(self, questions: torch.Tensor, stochastic: bool = False):
+        """questions (B, Lq) -> ``(memory (B, H·W, E), state (N, B, C) or None, activity (T, D, H, W) or None)``."""
+        face = self.encoder(questions, PAD_ID)  # (B, H·W, C)
+        if not self.hparams.use_lattice:
+            return self.decoder.memory(self.adapter(face)), None, None
+        gen = self._generator() if stochastic else None
+        state, activity = run_lattice(
+            self.rule, rearrange(face, "b n c -> n b c"), self.effective_connections(), self.config.steps,
+            stochastic, generator=gen,
+        )  # (N, B, C), (T, D, H, W)
+        out_face = rearrange(state[-face.shape[1] :], "n b c -> b n c")  # the last H·W cells: depth D - 1
+        return self.decoder.memory(out_face), state, activity
+
+    def forward(self, questions: torch.Tensor, answers_in: torch.Tensor) -> torch.Tensor:
+        """questions (B, Lq), answers_in (B, La) (BOS + answer) -> next-byte logits (B, La, 260)."""
+        memory, _, _ = self.encode_questions(questions)
+        return self.decoder(answers_in, memory)
+
+    def loss(self, batch: dict[str, torch.Tensor], stochastic: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        answers = batch["answer"]
+        memory, state, activity = self.encode_questions(batch["question"], stochastic)
+        logits = self.decoder(answers[:, :-1], memory)
+        loss = F.cross_entropy(
+            rearrange(logits, "b t v -> (b t) v").float(), answers[:, 1:].reshape(-1), ignore_index=PAD_ID
+        )
+        if stochastic:
+            self._last_activity = activity
+            self._last_cells = state.detach().mean(1) if state is not None else None  # (N, C)
+        return loss, state
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, state = self.loss(batch, stochastic=True)
+        total = loss
+        if self.hparams.cluster_coordination > 0 and self.clustering_enabled and state is not None:
+            ids = self.cluster_ids.reshape(-1).repeat_interleave(state.shape[1])  # (N·B,) matching (n b) rows
+            coord = coordination_loss(rearrange(state, "n b c -> (n b) c"), ids, self.kmeans.centroids)
+            self.log("train/coordination", coord)
+            total = loss + self.hparams.cluster_coordination * coord
+        self.log("train/loss", loss, prog_bar=True)
+        return total
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Plasticity and clustering between optimiser steps, then lattice metrics."""
+        if not self.hparams.use_lattice or self._last_activity is None:
+            return
+        p = self.profile
+        if self.hparams.plasticity_enabled and (p.stdp or p.bcm or p.competitive):
+            weights, state = plasticity_update(
+                self.connections, self._last_activity, PlasticityState(self.trace, self.theta), p,
+                self.plasticity_config, self.connection_mask,
+            )
+            self.connections.copy_(weights)
+            self.trace.copy_(state.trace)
+            self.theta.copy_(state.theta)
+        if self.clustering_enabled and self._last_cells is not None:
+            ids = self.kmeans.update(self._last_cells, generator=self._cpu_generator())
+            self.cluster_ids.copy_(ids.reshape(self.cluster_ids.shape))
+        if self.global_step % self.hparams.metrics_every == 0:
+            self.log_dict(self.lattice_metrics(self._last_activity[-1]))
+
+    def _cpu_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.hparams.lattice_seed) * 7_919 + int(self.global_step))
+
+    def lattice_metrics(self, activity: torch.Tensor) -> dict[str, float]:
+        """Metrics of a (D, H, W) activity field under the current profile and structure."""
+        entropy, wavelength = spectral_emergence(activity)
+        return {
+            "lattice/activity": float((activity > self.profile.activity_threshold).float().mean()),
+            "lattice/emergence": entropy,
+            "lattice/wavelength": wavelength,
+            "lattice/clusters": float(cluster_count(self.cluster_ids, self.hparams.n_clusters))
+            if self.clustering_enabled else 0.0,
+            "lattice/sparsity": self.sparsity,
+        }
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self.loss(batch, stochastic=False)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["answer"]))
+        pred = self.generate_ids(batch["question"], batch["answer"].shape[1] - 1)
+        target = batch["answer"][:, 1:]
+        n = target.shape[1]
+        pred = F.pad(pred, (0, max(0, n - pred.shape[1])), value=PAD_ID)[:, :n]
+        # exact match: identical bytes up to and including EOS (PAD after EOS is ignored)
+        upto = torch.cumsum((target == EOS_ID).long(), 1) - (target == EOS_ID).long() == 0
+        same = ((pred == target) | ~upto).all(1).float()
+        self.log("val/exact_match", same.mean(), prog_bar=True, batch_size=len(same))
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+
+    # -- generation (TextGenerator protocol) -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_ids(self, questions: torch.Tensor, max_new_bytes: int) -> torch.Tensor:
+        """Greedy answers for a batch of questions (B, Lq) -> (B, N <= max_new_bytes) ids, PAD after EOS.
+
+        The lattice runs once (expected updates, no sampling); the decoder then re-reads its whole prefix each byte
+        (answers are short, so a KV cache would not pay for itself)."""
+        was_training = self.training
+        self.eval()
+        memory, _, _ = self.encode_questions(questions.to(self.device))
+        B = questions.shape[0]
+        ids = torch.full((B, 1), BOS_ID, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_bytes):  # over generated bytes
+            nxt = self.decoder(ids, memory)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == EOS_ID
+            if bool(done.all()):
+                break
+        self.train(was_training)
+        return ids[:, 1:]
+
+    def generate_text(self, prompts: list[str], max_new_bytes: int, batch_size: int = 64) -> list[str]:
+        """Answer each prompt (greedy); returns only the answers."""
+        Lq = self.hparams.max_question_bytes
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):  # over prompt batches
+            chunk = prompts[start : start + batch_size]
+            q = torch.full((len(chunk), Lq), PAD_ID, dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids = encode(p)[-Lq:]
+                q[i, : len(ids)] = ids
+            out += [decode(row.cpu()) for row in self.generate_ids(q, max_new_bytes)]
+        return out
+
+
+def restore_lattice(module: LatticeNetwork, state: dict[str, Any]) -> None:
+    """Restorer of the ``"lattice"`` structural entry: resize to the recorded size, set profile and clustering."""
+    size = tuple(int(s) for s in state["size"])
+    if size != module.config.size:
+        log.info("checkpoint lattice size %s differs from the configured %s; rebuilding", size, module.config.size)
+        module.resize_lattice(size)
+    profile = state.get("profile")
+    if profile is not None:
+        module.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
+    module.clustering_enabled = bool(state.get("clustering", False))
+    module._record()
