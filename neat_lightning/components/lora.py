@@ -377,3 +377,22 @@ def restore_lora(module: nn.Module, state: dict[str, Any]) -> None:
         layer.merged = bool(state["merged"])
     if state.get("frozen", False):
         freeze_base(module)
+
+
+CHECKPOINT_KEY = "lora"  # module-agnostic copy of the structure entry, written by LoRAFinalStage
+
+
+def restore_from_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """For LightningModules that do not subclass ``NeatModule``: call this first in ``on_load_checkpoint`` so the
+    adapters exist before Lightning loads the state dict. Returns whether adapters were restored.
+
+        def on_load_checkpoint(self, checkpoint):
+            restore_from_checkpoint(self, checkpoint)
+
+    (``NeatModule`` subclasses need nothing: the ``"lora"`` structure entry is replayed by ``restore_lora``.)
+    """
+    state = checkpoint.get("neat_structure", {}).get("lora") or checkpoint.get(CHECKPOINT_KEY)
+    if not state:
+        return False
+    restore_lora(module, state)
+    return True
