@@ -15,6 +15,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+
+# LightningCLI 2.6 still calls jsonargparse APIs deprecated in 4.49; the warning is not actionable for users
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 import re
 import sys
 import warnings
