@@ -84,8 +84,13 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, T) float32 entropies ``-sum_v p_v log p_v``, in [0, log V].
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return -(log_p.exp() * log_p).sum(dim=-1)
+    # H = log Z - sum_v p_v z_v with z = logits - max and Z = sum_v exp(z_v): one exp pass instead of the two of
+    # log_softmax + exp. The clamp keeps -inf logits finite (exp gives 0 and 0 * z stays 0, not nan).
+    z = logits.float() - logits.amax(dim=-1, keepdim=True).float()  # (B, T, V), <= 0
+    z = z.clamp_(min=-1e4)
+    e = z.exp()
+    total = e.sum(dim=-1)  # (B, T), >= 1
+    return total.log() - (e * z).sum(dim=-1) / total
 
 
 def segment_start_mask(ids: torch.Tensor, reset_at_newline: bool = False) -> torch.Tensor:
@@ -707,16 +712,25 @@ class AdaptiveEntropyThreshold:
     of the smoothed ratio::
 
         r̄ ← decay · r̄ + (1 − decay) · r          (r̄ = r on the first step)
-        log θ ← log θ + gain · (r̄ − target) / target
+        log θ ← log θ + gain · clamp(log(r̄ / target), ±max_error)
 
     Too many boundaries raise θ, too few lower it; in the long run (an integral controller) θ settles on the
-    ``1 − target`` quantile of the stream's entropies. The state is plain values (:meth:`state_dict`).
+    ``1 − target`` quantile of the stream's entropies. :meth:`observe` takes a ratio measured elsewhere (e.g. a
+    logged ``patch/mean_size``). The state is plain values (:meth:`state_dict`).
+
+    The loop gain is ``gain · θ · density(θ) / target``: with the defaults it is below 1 for a trained byte LM's
+    entropies (spread over several nats), so θ neither lags nor rings. Entropies squeezed into a sliver (an
+    untrained model: all near log 260) make it ring; use :func:`calibrate_threshold` there.
+
+    The per-batch ratio still varies with the text of each batch (code vs prose) as it would at any fixed θ; what
+    the controller holds is the ratio over a few batches and the stream's mean.
 
     Args:
         target_boundary_ratio: wanted patches per byte (0.1 = mean patch size 10).
         initial_threshold: θ before the first batch, nats (> 0).
-        gain: step size on ``log θ`` per unit relative error.
-        ema_decay: smoothing of the observed ratio, in [0, 1).
+        gain: step size on ``log θ`` per unit of ``log(r̄ / target)``.
+        ema_decay: smoothing of the observed ratio, in [0, 1) (0 = none).
+        max_error: clamp on ``|log(r̄ / target)|`` per step (an empty or all-boundary batch).
         min_threshold: lower clamp on θ (> 0).
         max_threshold: upper clamp on θ.
         max_patch_length: applied to the masks (its extra starts count in the ratio), or None.
@@ -726,8 +740,9 @@ class AdaptiveEntropyThreshold:
         self,
         target_boundary_ratio: float = 0.1,
         initial_threshold: float = 2.0,
-        gain: float = 0.3,
-        ema_decay: float = 0.5,
+        gain: float = 0.2,
+        ema_decay: float = 0.3,
+        max_error: float = 2.0,
         min_threshold: float = 1e-3,
         max_threshold: float = 50.0,
         max_patch_length: int | None = None,
@@ -741,6 +756,8 @@ class AdaptiveEntropyThreshold:
             )
         if not gain > 0.0:
             raise ValueError(f"gain={gain} must be > 0")
+        if not max_error > 0.0:
+            raise ValueError(f"max_error={max_error} must be > 0")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
         if max_patch_length is not None and max_patch_length < 1:
@@ -749,6 +766,7 @@ class AdaptiveEntropyThreshold:
         self.gain, self.ema_decay = gain, ema_decay
         self.min_threshold, self.max_threshold = min_threshold, max_threshold
         self.max_patch_length = max_patch_length
+        self.max_error = max_error
         self.threshold = float(initial_threshold)
         self.ema_ratio: float | None = None
         self.last_ratio: float | None = None
@@ -759,7 +777,10 @@ class AdaptiveEntropyThreshold:
         self.last_ratio = float(ratio)
         d = self.ema_decay
         self.ema_ratio = self.last_ratio if self.ema_ratio is None else d * self.ema_ratio + (1 - d) * self.last_ratio
-        error = (self.ema_ratio - self.target_boundary_ratio) / self.target_boundary_ratio
+        # log of the relative error: symmetric in over/undershoot, clamped so an empty or all-boundary batch moves
+        # log θ by at most gain * max_error
+        error = math.log(max(self.ema_ratio, 1e-6) / self.target_boundary_ratio)
+        error = min(max(error, -self.max_error), self.max_error)
         log_theta = math.log(self.threshold) + self.gain * error
         self.threshold = min(max(math.exp(log_theta), self.min_threshold), self.max_threshold)
         self.steps += 1
