@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -112,6 +112,12 @@ class NeatCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        wants_bar = trainer_cfg.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # appended by LightningCLI after the configured callbacks; a configured progress bar wins
+            self.trainer_defaults["callbacks"] = [RichProgressBar(leave=True)]
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             runs_dir, name = self.run_root()
             version = next_version(runs_dir / name)

@@ -47,6 +47,22 @@ def test_fit_validate_and_outputs(tmp_path, tiny_config):
     model = ByteLM.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert model.config.dim == 32
 
+    plots = neat("plot", str(run), cwd=tmp_path).stdout.split()
+    assert any(p.endswith("bpb.png") for p in plots) and all((tmp_path / p).is_file() for p in plots)
+
+
+def test_rich_progress_bar_by_default_unless_disabled(tmp_path, tiny_config, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from neat_lightning.cli import NeatCLI
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--config", str(tiny_config()), "--runs_dir", str(tmp_path / "runs")]
+    cli = NeatCLI(args=[*base, "--trainer.enable_progress_bar", "true"], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
+    cli = NeatCLI(args=base, run=False)  # the tiny config disables it
+    assert cli.trainer.progress_bar_callback is None
+
 
 @pytest.mark.slow
 def test_resume_with_ckpt_path_last_matches_uninterrupted(tmp_path, tiny_config):
