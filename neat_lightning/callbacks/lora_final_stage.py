@@ -74,8 +74,8 @@ class LoRAFinalStage(Callback):
             ``1.0`` keeps it constant. Without ``max_steps`` it stays at the peak after warm-up.
         switch_data: switch the training data to the scene corpus when the stage begins. ``None``: when the
             DataModule can (it has ``schedule_switch``, as ``SceneDataModule`` does); ``True``: require it.
-        at_end: ``"merge"`` folds the adapters into the base weights when ``fit`` ends and restores plain layers
-            (and the base's ``requires_grad``); ``"keep"`` leaves the adapters separate and unmerged.
+        at_end: ``"merge"`` folds the adapters into the base weights when ``fit`` ends and restores plain layers;
+            ``"keep"`` leaves the adapters separate and unmerged. Either way the base's ``requires_grad`` is restored.
         seed: seed of the adapters' initialisation (independent of the global RNG).
 
     Attributes:
@@ -140,6 +140,7 @@ class LoRAFinalStage(Callback):
         self.frozen: list[str] = []
         self.rank: int | None = None
         self._start_step: int | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
 
     @property
     def state_key(self) -> str:
@@ -216,9 +217,10 @@ class LoRAFinalStage(Callback):
         self.active = True
         rank_zero_info(f"{type(self).__name__}: stage begins at step {self.began_at}. {lora_report(pl_module)}")
 
-    def _record(self, pl_module: L.LightningModule) -> None:
+    def _record(self, pl_module: L.LightningModule, frozen: bool = True) -> None:
         if hasattr(pl_module, "record_structure"):
-            pl_module.record_structure("lora", lora_state(pl_module, frozen=True) if lora_layers(pl_module) else None)
+            state = lora_state(pl_module, frozen=frozen) if lora_layers(pl_module) else None
+            pl_module.record_structure("lora", state)
 
     def _use_adapter_optimizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Replace the trainer's optimizers and schedulers by one AdamW over the adapters (a deterministic order)."""
@@ -233,6 +235,7 @@ class LoRAFinalStage(Callback):
         min_ratio = self.min_lr_ratio if max_steps is not None else 1.0
         lr_lambda = partial(_stage_lr, warmup_steps=self.warmup_steps, total_steps=total, min_ratio=min_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self._optimizer = optimizer
         trainer.strategy.optimizers = [optimizer]
         trainer.strategy.lr_scheduler_configs = [LRSchedulerConfig(scheduler, name="lora", interval="step")]
 
@@ -256,12 +259,12 @@ class LoRAFinalStage(Callback):
             return
         if self.at_end == "merge":
             merge_lora(pl_module, remove=True)
-            params = dict(pl_module.named_parameters())
-            for name in self.frozen:
-                if name in params:
-                    params[name].requires_grad_(True)
-            self._record(pl_module)
             rank_zero_info(f"{type(self).__name__}: adapters merged into the base weights")
+        params = dict(pl_module.named_parameters())
+        for name in self.frozen:  # the stage is over: the base trains again if training continues
+            if name in params:
+                params[name].requires_grad_(True)
+        self._record(pl_module, frozen=False)
         self.active, self.done = False, True
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
@@ -270,6 +273,11 @@ class LoRAFinalStage(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if lora_layers(pl_module):
             checkpoint[CHECKPOINT_KEY] = lora_state(pl_module, frozen=self.active)
+        if self.done and any(opt is self._optimizer for opt in trainer.optimizers):
+            # saved after the stage ended (ModelCheckpoint's save_last at train end): the adapter optimizer's state
+            # is meaningless now (merged: its parameters are gone); without it, continuing from this checkpoint
+            # starts the module's own optimizer afresh instead of failing on mismatched parameter groups
+            checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
 
     @override
     def state_dict(self) -> dict[str, Any]:

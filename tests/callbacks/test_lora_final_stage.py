@@ -69,12 +69,27 @@ def test_stage_freezes_base_trains_adapters_and_switches_to_scenes_mid_epoch(tmp
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in probe.base_at_start.items())
     assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(model).values())
-    assert all(not p.requires_grad for n, p in params.items() if "lora_" not in n)
+    assert all(p.requires_grad for p in params.values())  # the stage is over: requires_grad restored
     # data: pretraining windows before step 3, scene windows (batch k = f(seed, k)) from step 3 on
     scenes = RandomWindowBatches(dm.train_stream, T, B, BPE, dm.seed)
     assert not any(torch.equal(probe.batches[s], scenes.batch(s)) for s in range(3))
     assert all(torch.equal(probe.batches[s], scenes.batch(s)) for s in range(3, 7))
     assert model.structure["lora"]["merged"] is False and model.structure["lora"]["r"] == 2
+    assert model.structure["lora"]["frozen"] is False
+
+
+def test_training_continues_from_the_final_merged_checkpoint(tmp_path: Path):
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100)
+    trainer(5, [LoRAFinalStage(start=3, start_unit="step", r=2), ckpt], tmp_path).fit(tiny_lm(), datamodule=staged_data())
+    final = torch.load(tmp_path / "last.ckpt", weights_only=False)  # written at train end, after the merge
+    assert final["global_step"] == 5 and "lora" not in final and "neat_structure" not in final
+    assert final["optimizer_states"] == []  # the adapter optimizer's state is dropped with the adapters
+    model = tiny_lm()
+    t = trainer(7, [LoRAFinalStage(start=3, start_unit="step", r=2)], tmp_path)
+    t.fit(model, datamodule=staged_data(), ckpt_path=tmp_path / "last.ckpt")
+    assert t.global_step == 7 and not lora_layers(model)
+    assert len(t.optimizers[0].param_groups) == 2  # ByteLM's own AdamW (decay / no-decay groups)
 
 
 def test_merge_at_end_restores_plain_layers_and_equals_the_adapted_model(tmp_path: Path):
@@ -183,3 +198,31 @@ def test_errors_name_the_setting(tmp_path: Path):
         trainer(4, [LoRAFinalStage(switch_data=True)], tmp_path).fit(tiny_lm(), datamodule=bytes_only)
     with pytest.raises(ValueError, match=r"targets='decoder' matches no nn\.Linear in ByteLM; .*model\.blocks\.0"):
         trainer(4, [LoRAFinalStage(targets="decoder")], tmp_path).fit(tiny_lm(), datamodule=bytes_only)
+
+
+@pytest.mark.slow
+def test_cli_pipeline_config_runs_the_stage_and_resumes_mid_stage(tmp_path: Path):
+    from tests.conftest import REPO, neat
+
+    tiny = [
+        "--config", str(REPO / "configs" / "byte_lm_initiation.yaml"), "--runs_dir", str(tmp_path),
+        "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false", "--checkpoint.every_n_train_steps", "3",
+        "--model.init_args.dim", "32", "--model.init_args.n_layers", "1", "--model.init_args.heads", "2",
+        "--model.init_args.block_size", "32", "--data.init_args.block_size", "32", "--data.init_args.batch_size", "2",
+        "--data.init_args.pretrain.init_args.block_size", "32", "--data.init_args.pretrain.init_args.batch_size", "2",
+        "--data.init_args.pretrain.init_args.batches_per_epoch", "4",
+    ]
+    neat("fit", *tiny, "--trainer.max_steps", "6", cwd=tmp_path)  # stage from round(0.8 * 6) = 5
+    last = tmp_path / "byte_lm_initiation" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 6 and saved["lora"]["merged"] is False
+    assert len(lora_layers(ByteLM.load_from_checkpoint(last))) == 5
+    proc = neat("fit", *tiny, "--trainer.max_steps", "8", "--ckpt_path", "last", cwd=tmp_path)
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert "adapters merged" in proc.stdout + proc.stderr
+    final = torch.load(last, weights_only=False)  # save_last at train end: the merged model
+    assert final["global_step"] == 8 and "lora" not in final
+    state = next(v for k, v in final["callbacks"].items() if k.startswith("LoRAFinalStage"))
+    assert state["began_at"] == 5 and state["done"]
+    assert not lora_layers(ByteLM.load_from_checkpoint(last))
