@@ -102,6 +102,17 @@ class NeatCLI(LightningCLI):
             name = Path(str(configs[0])).stem if configs else "default"
         return Path(cfg.get("runs_dir") or "runs"), name
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path's hyperparameters right after parsing, with a bare torch.load: check the
+        # file first so a truncated or missing checkpoint is named before anything else happens
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt is not None and str(ckpt) not in ("last", "best", "hpc", "registry"):
+            from neat_lightning.modules.base import check_checkpoint_file
+
+            check_checkpoint_file(ckpt, "--ckpt_path")
+
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
         runs_dir, name = self.run_root()
@@ -142,9 +153,40 @@ def available_commands() -> list[str]:
     return sorted(p.stem.replace("_", "-") for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The values of every ``--config`` / ``-c`` option in ``args``."""
+    files = []
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+    return files
+
+
+def check_config_files(args: list[str]) -> str | None:
+    """An error message for the first missing or syntactically broken ``--config`` file, naming file and line."""
+    import yaml
+
+    for name in config_files(args):
+        path = Path(name)
+        if not path.is_file():
+            return f"--config: no such file: {name!r}"
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            return f"--config {name}: invalid YAML{where}: {getattr(e, 'problem', None) or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     configure_process()
+    if problem := check_config_files(args):
+        print(f"neat: {problem}", file=sys.stderr)
+        return 2
     if args and not args[0].startswith("-") and args[0] not in LIGHTNING_SUBCOMMANDS:
         return run_command(args[0], args[1:])
     import_all_callbacks()
