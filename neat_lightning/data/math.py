@@ -377,6 +377,10 @@ def pack_problems(problems: Sequence[Problem], length: int) -> tuple[torch.Tenso
     return ids, answer, k
 
 
+# longest encoded problem (BOS + text + EOS) of each math task over all difficulties, with a small margin
+MATH_MAX_IDS = {"arithmetic": 52, "algebra": 72, "sequence": 68, "word_problem": 112}
+
+
 def memory_overhead(task: str, difficulty: int = 3, n_facts: int | None = None) -> int:
     """Upper bound on a memory problem's ids beyond its ``gap`` (BOS, facts, question, answer, EOS)."""
     n = _n_facts(difficulty, n_facts)
@@ -521,6 +525,12 @@ class MathDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}={value} must be >= 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
+        math_need = max((MATH_MAX_IDS[t] for t in tasks if t in MATH_TASKS), default=0)
+        if math_need > block_size + 1:
+            raise ValueError(
+                f"block_size={block_size} is too short for the math tasks {[t for t in tasks if t in MATH_TASKS]}: "
+                f"their problems need up to {math_need} ids (block_size + 1)"
+            )
         memory = [t for t in tasks if t in MEMORY_TASKS]
         if memory:
             need = hi + max(memory_overhead(t, max(difficulties), n_facts) for t in memory)
@@ -552,7 +562,11 @@ class MathDataModule(L.LightningDataModule):
 
     def _loader(self, ds: ProblemBatches, train: bool) -> DataLoader:
         self._place(ds, train)
-        return _PlacedLoader(ds, self, train, num_workers=self.num_workers, persistent_workers=False)
+        return _PlacedLoader(
+            ds, self, train, num_workers=self.num_workers, persistent_workers=False,
+            # own generator: worker seeds must not come from (and shift) the global RNG between resumed runs
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("train"), True)

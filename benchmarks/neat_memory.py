@@ -1,0 +1,230 @@
+"""Fact recall vs gap length: sliding-window attention alone vs with Titans long-term memory.
+
+Both variants are the same NeatModel (same seed, same data, same steps); one has the Titans memory as context in
+its last block. Each is trained on ``temporal_gap`` memory tasks (facts, then ``gap`` bytes of routine text, then
+the question) with gaps drawn from ``--train-gaps``, then evaluated on held-out generated tasks (another seed
+stream) at each gap of ``--gaps``: a task counts as recalled when the whole completion ``#### <value>\\n<eos>`` is
+the greedy (argmax) prediction. Chance is 1/10 (one-digit values). Each variant runs in its own process so its peak
+RSS is its own; training and inference throughput are measured in it.
+
+    OMP_NUM_THREADS=1 python benchmarks/neat_memory.py                 # full run (see --steps), prints a table
+    python benchmarks/neat_memory.py --steps 20 --eval-samples 20      # smoke run
+
+Writes ``benchmarks/results/neat_memory.json`` (atomically) and keeps the checkpoints in ``runs/neat_memory/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "neat_memory.json"
+VARIANTS = ("window", "titans")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1500, help="training steps per variant")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock training budget per variant (the steps reached are reported)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=224)
+    p.add_argument("--window", type=int, default=32, help="sliding-window attention span (bytes)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--n-facts", type=int, default=2)
+    p.add_argument("--train-gaps", type=int, nargs=2, default=(0, 160), metavar=("MIN", "MAX"))
+    p.add_argument("--gaps", type=int, nargs="+", default=[16, 32, 64, 128, 160])
+    p.add_argument("--eval-samples", type=int, default=200, help="held-out tasks per gap")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--answer-weight", type=float, default=10.0)
+    p.add_argument("--memory-depth", type=int, default=2)
+    p.add_argument("--dim-memory", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel (separate processes)")
+    p.add_argument("--runs-dir", default=str(REPO / "runs" / "neat_memory"))
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--eval-only", action="store_true", help="reuse the checkpoints in --runs-dir")
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one variant (runs in its own process)
+
+
+def build_model(args: argparse.Namespace, variant: str):
+    from neat_lightning.components.titans import TitansConfig
+    from neat_lightning.modules.neat import NeatModel
+
+    titans = variant == "titans"
+    tc = TitansConfig(
+        dim_memory=args.dim_memory, memory_depth=args.memory_depth, memory_expansion=2.0,
+        chunk_size=args.chunk_size, persistent_tokens=4, memory_size=256,
+    )
+    return NeatModel(
+        dim=args.dim, n_layers=args.layers, heads=4, block_size=args.block_size, window=args.window,
+        titans=titans, titans_config=tc, svf=False, active_components=["titans"] if titans else [],
+        answer_weight=args.answer_weight, learning_rate=args.lr, warmup_steps=min(100, args.steps // 10 + 1),
+    )
+
+
+def recall_rows(args: argparse.Namespace, gap: int):
+    """Held-out temporal-gap tasks at exactly ``gap``: ids (N, T + 1), answer ids (N, T + 1)."""
+    import torch
+
+    from neat_lightning.data.math import generate_problem, pack_problems, rng_for
+
+    ids, ans = [], []
+    for i in range(args.eval_samples):
+        rng = rng_for("recall-eval", args.seed, gap, i)  # a seed stream the training data never uses
+        p = generate_problem("temporal_gap", 2, rng, gap=gap, n_facts=args.n_facts)
+        row, a, _ = pack_problems([p], args.block_size + 1)
+        ids.append(row)
+        ans.append(a)
+    return torch.stack(ids), torch.stack(ans)
+
+
+def run_worker(args: argparse.Namespace, variant: str) -> dict:
+    import lightning as L
+    import torch
+
+    from neat_lightning.data.math import TASK_TYPES, MathDataModule
+    from neat_lightning.modules.neat import NeatModel, exact_match_counts
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    ckpt = runs / f"{variant}.ckpt"
+    result: dict = {"variant": variant}
+    if args.eval_only:
+        model = NeatModel.load_from_checkpoint(ckpt, map_location="cpu")
+        result.update(json.loads((runs / f"{variant}.train.json").read_text()))
+    else:
+        L.seed_everything(args.seed, verbose=False)
+        model = build_model(args, variant)
+        data = MathDataModule(
+            tasks=["temporal_gap"], difficulties=[2], gap_range=tuple(args.train_gaps), n_facts=args.n_facts,
+            block_size=args.block_size, batch_size=args.batch_size, batches_per_epoch=args.steps, seed=args.seed,
+        )
+        from lightning.pytorch.callbacks import Callback
+
+        class Progress(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step % 50 == 0:
+                    loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+                    print(f"{variant} step {trainer.global_step} loss {loss:.4f} "
+                          f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+
+        max_time = None if args.max_minutes is None else {"seconds": int(args.max_minutes * 60)}
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=args.steps, max_time=max_time, callbacks=[Progress()], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, gradient_clip_val=1.0,
+            default_root_dir=str(runs),
+        )
+        t0 = time.perf_counter()
+        trainer.fit(model, data)
+        train_s = time.perf_counter() - t0
+        trainer.save_checkpoint(ckpt)
+        train = {
+            "train_steps": int(trainer.global_step),
+            "train_seconds": round(train_s, 1),
+            "train_tokens_per_s": round(trainer.global_step * args.batch_size * args.block_size / train_s, 1),
+            "final_train_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        (runs / f"{variant}.train.json").write_text(json.dumps(train))
+        result.update(train)
+    model.eval()
+    recall = {}
+    with torch.inference_mode():
+        for gap in args.gaps:
+            ids, ans = recall_rows(args, gap)
+            correct = total = 0.0
+            for s in range(0, len(ids), 50):
+                x, y, seg = ids[s : s + 50, :-1], ids[s : s + 50, 1:], ans[s : s + 50, 1:]
+                task = torch.full((len(x),), TASK_TYPES.index("temporal_gap"))
+                c, t = exact_match_counts(model(x), y, seg, task, len(TASK_TYPES))
+                correct, total = correct + float(c.sum()), total + float(t.sum())
+            recall[str(gap)] = round(correct / total, 4)
+        x = ids[:16, :-1]
+        model(x)  # warm-up
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3.0:
+            model(x)
+            n += 1
+        infer_tps = n * x.numel() / (time.perf_counter() - t0)
+    result.update({
+        "recall": recall,
+        "inference_tokens_per_s": round(infer_tps, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(args, args.worker)), flush=True)
+        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
+    pending = list(args.variants)
+    running: list[tuple[str, subprocess.Popen]] = []
+    results: dict[str, dict] = {}
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            v = pending.pop(0)
+            cmd = [sys.executable, __file__, *argv, "--worker", v]
+            log = open(Path(args.runs_dir) / f"{v}.log", "w")
+            running.append((v, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)))
+        v, proc = running.pop(0)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            print(f"variant {v} failed; see {Path(args.runs_dir) / f'{v}.log'}", file=sys.stderr)
+            return 1
+        results[v] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+    gaps = [str(g) for g in args.gaps]
+    header = f"{'variant':<8} " + " ".join(f"gap {g:>4}" for g in gaps) + "  train s  steps  train tok/s  infer tok/s  RSS MB"
+    print(f"recall (exact match of the answer) vs gap; window {args.window} bytes; chance 0.10")
+    print(header)
+    for v in args.variants:
+        r = results[v]
+        print(f"{v:<8} " + " ".join(f"{r['recall'][g]:>8.3f}" for g in gaps)
+              + f"  {r['train_seconds']:>7.0f}  {r['train_steps']:>5}  {r['train_tokens_per_s']:>11.0f}"
+              + f"  {r['inference_tokens_per_s']:>11.0f}  {r['peak_rss_mb']:>6.0f}")
+    payload = {
+        "benchmark": "neat_memory",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "runs_dir", "jobs")},
+        "chance": 0.1,
+        "cpu_threads": int(env["OMP_NUM_THREADS"]),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
