@@ -195,7 +195,7 @@ def next_byte_entropies(
     block_size: int | None = None,
     context_overlap: int = 0,
     reset_at_newline: bool = False,
-    batch_windows: int = 64,
+    batch_windows: int = 16,
     bos_id: int = BOS_ID,
 ) -> torch.Tensor:
     """Entropy ``H_j`` of the model's prediction of every byte ``j`` from the bytes before it.
@@ -504,6 +504,9 @@ class PatcherConfig:
         context_overlap: bytes of context repeated between consecutive entropy windows.
         block_size: entropy window length; None = the entropy model's ``config.block_size``.
         batch_windows: entropy windows per forward pass.
+        bos_id: the id the entropy model sees before a document's (or, with ``reset_at_newline``, a line's) first
+            byte. BLT's BOS by default; a ByteLM trained on this package's EOS-separated streams has only ever seen
+            EOS there (``EOS_ID = 2``).
     """
 
     # patching
@@ -518,7 +521,8 @@ class PatcherConfig:
     reset_at_newline: bool = False
     context_overlap: int = 0
     block_size: int | None = None
-    batch_windows: int = 64
+    batch_windows: int = 16  # windows per forward: small batches stay in cache (16 beat 64 and 256 on CPU)
+    bos_id: int = BOS_ID
 
     def __post_init__(self) -> None:
         choices = {"mode": ("entropy", "static", "space"), "rule": ("global", "monotonic", "both"),
@@ -542,6 +546,8 @@ class PatcherConfig:
             )
         if self.batch_windows < 1:
             raise ValueError(f"PatcherConfig.batch_windows={self.batch_windows} must be >= 1")
+        if not 0 <= self.bos_id < OFFSET:
+            raise ValueError(f"PatcherConfig.bos_id={self.bos_id} must be a special id in [0, {OFFSET})")
 
 
 class Patcher:
@@ -577,7 +583,7 @@ class Patcher:
         c = self.config
         return next_byte_entropies(
             self.entropy_model, ids, block_size=c.block_size, context_overlap=c.context_overlap,
-            reset_at_newline=c.reset_at_newline, batch_windows=c.batch_windows,
+            reset_at_newline=c.reset_at_newline, batch_windows=c.batch_windows, bos_id=c.bos_id,
         )
 
     def start_mask(

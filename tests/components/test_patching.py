@@ -31,7 +31,7 @@ from neat_lightning.components.patching import (
     static_start_mask,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.codec import BOS_ID, VOCAB_SIZE, encode
+from neat_lightning.data.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
 
 T_, F_ = True, False
 
@@ -228,6 +228,8 @@ def test_byte_zero_is_predicted_from_bos(tiny_model):
     ids = encode("xyz")[None]
     expected = entropy(tiny_model(torch.tensor([[BOS_ID]])))[0, 0]
     assert_close(next_byte_entropies(tiny_model, ids)[0, 0], expected)
+    after_eos = entropy(tiny_model(torch.tensor([[EOS_ID]])))[0, 0]
+    assert_close(Patcher(PatcherConfig(bos_id=EOS_ID), tiny_model).entropies(ids)[0, 0], after_eos)
 
 
 def test_reset_at_newline_changes_entropies_only_after_newlines(tiny_model):
@@ -276,6 +278,7 @@ def test_next_byte_entropies_restore_training_mode_and_validate(tiny_model):
         ("patch_size", 0, "patch_size=0 must be >= 1"),
         ("context_overlap", -1, "context_overlap=-1 must be >= 0"),
         ("batch_windows", 0, "batch_windows=0 must be >= 1"),
+        ("bos_id", 7, r"bos_id=7 must be a special id in \[0, 4\)"),
     ],
 )
 def test_config_validation(field, value, message):
