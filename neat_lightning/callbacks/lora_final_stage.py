@@ -144,7 +144,8 @@ class LoRAFinalStage(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__name__}{{start={self.start}, start_unit={self.start_unit!r}}}"
+        # one stage per run: the key does not depend on the settings, so a resume with another `start` keeps state
+        return type(self).__name__
 
     # -- setup -----------------------------------------------------------------------------------------------------
 

@@ -346,17 +346,30 @@ class _SwitchLoader:
         start, n = self.scenes.start_batch, len(self)
         end = (start // n + 1) * n
         switch = self.dm.switch_batch(n)
+        n_replay = round(self.dm.replay * self.scenes.batch_size) if self.pretrain is not None else 0
         pretrain_batches = None
         for k in range(start, end):
-            if self.pretrain is not None and (switch is None or k < switch):
+            use_pretrain = self.pretrain is not None and (switch is None or k < switch)
+            if use_pretrain or n_replay:
                 if pretrain_batches is None:
                     pretrain_batches = iter(self.pretrain)  # it places itself at the same global step
                 try:
-                    yield next(pretrain_batches)
+                    pretrain_batch = next(pretrain_batches)  # batch k of the pretraining loader
                 except StopIteration:
                     return
-            else:
-                yield self.scenes.batch(k)
+            if use_pretrain:
+                yield pretrain_batch
+                continue
+            batch = self.scenes.batch(k)
+            if n_replay:  # rehearsal: the first rows come from the pretraining corpus
+                if pretrain_batch.shape[1:] != batch.shape[1:]:
+                    raise ValueError(
+                        f"replay={self.dm.replay} mixes rows of both corpora, but pretraining windows have shape "
+                        f"{tuple(pretrain_batch.shape[1:])} and scene windows {tuple(batch.shape[1:])}: use the same "
+                        "block_size"
+                    )
+                batch = torch.cat([pretrain_batch[:n_replay], batch[n_replay:]])
+            yield batch
 
 
 class SceneDataModule(L.LightningDataModule):
@@ -380,6 +393,8 @@ class SceneDataModule(L.LightningDataModule):
         split_seed: seed of the train/val scene split.
         pretrain: the DataModule used before the switch (e.g. ``ByteTextDataModule``).
         val_source: validate on the held-out ``scenes`` or on the ``pretrain`` DataModule's validation set.
+        replay: after the switch, the share of each batch's rows taken from the ``pretrain`` loader (rehearsal
+            against forgetting the pretraining corpus); 0 trains on scenes only.
     """
 
     def __init__(
@@ -395,6 +410,7 @@ class SceneDataModule(L.LightningDataModule):
         split_seed: int = 0,
         pretrain: L.LightningDataModule | None = None,
         val_source: Literal["scenes", "pretrain"] = "scenes",
+        replay: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size),
@@ -407,11 +423,15 @@ class SceneDataModule(L.LightningDataModule):
             raise ValueError(f"val_source={val_source!r} must be 'scenes' or 'pretrain'")
         if val_source == "pretrain" and pretrain is None:
             raise ValueError("val_source='pretrain' needs a pretrain DataModule")
+        if not 0.0 <= replay < 1.0:
+            raise ValueError(f"replay={replay} must be in [0, 1)")
+        if replay and pretrain is None:
+            raise ValueError(f"replay={replay} needs a pretrain DataModule to replay")
         self.save_hyperparameters(ignore=["pretrain"])
         self.scene_files, self.strict, self.val_scenes = scene_files, strict, val_scenes
         self.val_fraction, self.block_size, self.batch_size = val_fraction, block_size, batch_size
         self.batches_per_epoch, self.seed, self.split_seed = batches_per_epoch, seed, split_seed
-        self.pretrain, self.val_source = pretrain, val_source
+        self.pretrain, self.val_source, self.replay = pretrain, val_source, replay
         self.scenes: list[Scene] = []
         self.problems: list[SceneProblem] = []
         self.train_docs: list[Document] = []

@@ -173,7 +173,27 @@ def test_switch_from_pretrain_happens_at_the_scheduled_batch_mid_epoch():
     assert all(torch.equal(a, b) for a, b in zip(dm.train_dataloader(), want_pretrain))  # epoch 0: pretrain only
 
 
+def test_replay_mixes_pretraining_rows_into_scene_batches():
+    pretrain = ByteTextDataModule(block_size=16, batch_size=4, batches_per_epoch=6)
+    dm = SceneDataModule(block_size=16, batch_size=4, pretrain=pretrain, replay=0.5)
+    dm.setup("fit")
+    dm.schedule_switch(step=3)
+    got, want_pretrain = list(dm.train_dataloader()), list(pretrain.train_dataloader())
+    scenes = RandomWindowBatches(dm.train_stream, 16, 4, 6, dm.seed)
+    assert all(torch.equal(got[k], want_pretrain[k]) for k in range(3))
+    assert all(torch.equal(got[k][:2], want_pretrain[k][:2]) and torch.equal(got[k][2:], scenes.batch(k)[2:])
+               for k in range(3, 6))
+    mismatched = SceneDataModule(block_size=8, batch_size=4, replay=0.5,
+                                 pretrain=ByteTextDataModule(block_size=16, batch_size=4, batches_per_epoch=6))
+    mismatched.setup("fit")
+    mismatched.schedule_switch(step=0)
+    with pytest.raises(ValueError, match=r"pretraining windows have shape \(17,\) and scene windows \(9,\)"):
+        next(iter(mismatched.train_dataloader()))
+
+
 def test_datamodule_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"replay=0.3 needs a pretrain DataModule"):
+        SceneDataModule(replay=0.3)
     with pytest.raises(ValueError, match=r"val_source='pretrain' needs a pretrain DataModule"):
         SceneDataModule(val_source="pretrain")
     with pytest.raises(ValueError, match=r"batch_size=0 must be >= 1"):
