@@ -61,7 +61,7 @@ class LoRAFinalStage(Callback):
             optimizer step, or an epoch (the stage starts with that epoch's first batch).
         start_unit: ``"fraction"``, ``"step"`` or ``"epoch"``.
         targets: regex searched in the module's qualified layer names; matching ``nn.Linear`` layers get adapters.
-            The default picks attention ``qkv`` / ``proj`` and the MLP ``w1`` / ``w2`` / ``w3`` of every block.
+            The default picks attention ``qkv`` / ``proj`` of every block (``lora.MLP_TARGETS`` adds the MLP).
         r: adapter rank; ``None`` picks the largest rank whose adapters stay within ``max_adapter_fraction`` of the
             model's parameters (at least 1).
         max_adapter_fraction: the parameter budget used when ``r`` is ``None``.

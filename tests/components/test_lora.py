@@ -8,6 +8,7 @@ from torch import nn
 
 from neat_lightning.components.lora import (
     DEFAULT_TARGETS,
+    MLP_TARGETS,
     LoRALinear,
     adapter_parameters,
     freeze_base,
@@ -38,10 +39,14 @@ def randomise_adapters(module: nn.Module, seed: int = 1) -> None:
 IDS = torch.randint(4, 260, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-def test_default_targets_pick_attention_and_mlp_linears_only():
+def test_default_targets_pick_attention_linears_and_mlp_targets_add_the_mlp():
     model = tiny_model()
     names = inject_lora(model, DEFAULT_TARGETS, r=2)
-    assert names == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.w1", "mlp.w3", "mlp.w2")]
+    assert names == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj")]
+    wider = tiny_model()
+    assert inject_lora(wider, MLP_TARGETS, r=2) == [
+        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.w1", "mlp.w3", "mlp.w2")
+    ]
     assert not isinstance(model.head, LoRALinear)  # the tied output head stays plain
     assert model.head.weight is model.embed.weight
 
@@ -97,7 +102,7 @@ def test_merge_lora_remove_restores_plain_architecture_with_merged_weights():
     randomise_adapters(model)
     adapted = model(IDS)
     names = merge_lora(model, remove=True)
-    assert len(names) == 10 and not lora_layers(model)
+    assert len(names) == 4 and not lora_layers(model)
     assert set(model.state_dict()) == keys
     assert (model(IDS) - adapted).abs().max() <= 1e-5
 
@@ -138,7 +143,7 @@ def test_report_counts_adapters_once_and_budget_rank_fits_one_percent():
     inject_lora(model, r=r)
     freeze_base(model)
     report = lora_report(model)
-    assert report.layers == 10
+    assert report.layers == 4
     assert report.adapter == report.trainable == sum(p.numel() for p in adapter_parameters(model))
     assert 0 < report.adapter_fraction <= 0.01
     assert "adapter parameters" in str(report)
