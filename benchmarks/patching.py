@@ -41,7 +41,7 @@ from neat_lightning.components.patching import (
     patch_statistics,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.bytes import builtin_documents, ids_from_bytes, split_documents
+from neat_lightning.data.bytes import builtin_documents, ids_from_bytes, split_documents, stream_from_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "patching.json"
@@ -180,100 +180,123 @@ def bench_throughput(model: torch.nn.Module, n_bytes: int, repeats: int, quick: 
     return rows
 
 
-def calibration_rows(fit_h: torch.Tensor, held_h: torch.Tensor, label: str) -> list[dict]:
-    rows = []
-    dummy_fit, dummy_held = torch.zeros_like(fit_h, dtype=torch.long), torch.zeros_like(held_h, dtype=torch.long)
-    for target, m in [(3.0, None), (4.5, None), (6.0, None), (4.5, 8)]:
-        theta = calibrate_threshold(fit_h, target, max_patch_length=m)
-        patcher = Patcher(PatcherConfig(threshold=theta, max_patch_length=m))
-        on_fit = patch_statistics(patcher(dummy_fit, entropies=fit_h))["mean_size"]
-        held = patch_statistics(patcher(dummy_held, entropies=held_h))
-        rel = held["mean_size"] / target - 1
-        rows.append(dict(split=label, target=target, max_patch_length=m, threshold=theta, mean_on_fit=on_fit,
-                         mean_on_held_out=held["mean_size"], rel_error_held_out=rel, p90_held_out=held["p90"],
-                         max_held_out=held["max_size"]))
-        print(f"  {label:<22} target {target:4.1f} m={m}: θ={theta:.4f}  fit {on_fit:.4f}  held-out "
-              f"{held['mean_size']:.4f} ({100 * rel:+.2f}%)")
-    return rows
+TARGETS = [(3.0, None), (4.5, None), (6.0, None), (4.5, 8)]
 
 
-def bench_calibration(model: torch.nn.Module, max_bytes: int | None, block: int = 2048) -> dict:
-    """Calibrate on one part of the built-in corpus, measure on another, two ways:
+def mean_patch_size(h: torch.Tensor, theta: float, max_patch_length: int | None) -> float:
+    patcher = Patcher(PatcherConfig(threshold=theta, max_patch_length=max_patch_length))
+    return patch_statistics(patcher(torch.zeros_like(h, dtype=torch.long), entropies=h))["mean_size"]
 
-    * ``interleaved``: the corpus cut into ``block``-byte pieces, shuffled, half to fit and half held out: held-out
-      text from the same distribution (the claim: within 1 % of the target).
-    * ``document split``: half of the documents fit, the other half held out: a shift in the mix of prose and code
-      between the two halves moves the mean patch size by itself.
+
+def bench_calibration(model: torch.nn.Module, max_bytes: int | None, seeds: int = 20, block: int = 2048) -> dict:
+    """Calibrate on half of the built-in corpus, measure the mean patch size on the other half, over ``seeds``
+    random halvings of two kinds:
+
+    * ``document split``: half of the documents (``split_documents(docs, 0.5, seed)``) against the other half;
+    * ``interleaved``: the stream cut into ``block``-byte pieces, a random half of the pieces against the rest.
+
+    The entropies are computed once, over the corpus as the model was trained on it (documents joined by EOS).
     """
-    fit_docs, held_docs = split_documents(builtin_documents(), 0.5, seed=0)
-    fit_ids = ids_from_bytes(b"".join(d.data for d in fit_docs)[:max_bytes])[None]
-    held_ids = ids_from_bytes(b"".join(d.data for d in held_docs)[:max_bytes])[None]
+    docs = builtin_documents()
+    ids = stream_from_documents(docs).long()[None]
+    if max_bytes is not None:
+        ids = ids[:, :max_bytes]
     t0 = time.perf_counter()
-    fit_h, held_h = next_byte_entropies(model, fit_ids), next_byte_entropies(model, held_ids)
-    print(f"calibration: entropies of {fit_ids.shape[1] / 1e3:.0f} + {held_ids.shape[1] / 1e3:.0f} KB in "
-          f"{time.perf_counter() - t0:.1f} s; mean entropy {float(fit_h.mean()):.3f} nats "
-          f"({float(fit_h.mean()) / math.log(2):.3f} bits/byte)")
-    everything = torch.cat([fit_h, held_h], dim=1)
-    n = everything.shape[1] // block * block
-    pieces = everything[0, :n].reshape(-1, block)  # (n / block, block)
-    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0))
-    half = len(pieces) // 2
-    rows = calibration_rows(pieces[order[:half]], pieces[order[half:]], f"interleaved {block} B")
-    rows += calibration_rows(fit_h, held_h, "document split")
-    interleaved = [r for r in rows if r["split"].startswith("interleaved")]
-    return dict(fit_bytes=fit_ids.shape[1], held_out_bytes=held_ids.shape[1], fit_docs=len(fit_docs),
-                held_out_docs=len(held_docs), mean_entropy_nats=float(everything.mean()),
-                interleaved_max_abs_rel_error=max(abs(r["rel_error_held_out"]) for r in interleaved),
-                document_split_max_abs_rel_error=max(abs(r["rel_error_held_out"]) for r in rows
-                                                     if r["split"] == "document split"),
-                targets=rows)
+    h = next_byte_entropies(model, ids)  # (1, N)
+    seconds = time.perf_counter() - t0
+    print(f"calibration: entropies of the built-in corpus, {ids.shape[1] / 1e3:.0f} KB, in {seconds:.1f} s; mean "
+          f"{float(h.mean()):.3f} nats ({float(h.mean()) / math.log(2):.3f} bits/byte)")
+    spans, at = {}, 0  # document name -> (start, end) in the stream, its EOS included
+    for d in docs:
+        spans[d.name] = (at, min(at + len(d.data) + 1, ids.shape[1]))
+        at += len(d.data) + 1
+    n = h.shape[1] // block * block
+    pieces = h[0, :n].reshape(-1, block)
+
+    def halves(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "document split":
+            fit_docs, held_docs = split_documents(docs, 0.5, seed=seed)
+            take = lambda ds: torch.cat([h[0, slice(*spans[d.name])] for d in ds if spans[d.name][0] < n])[None]
+            return take(fit_docs), take(held_docs)
+        order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))
+        return pieces[order[: len(order) // 2]], pieces[order[len(order) // 2 :]]
+
+    rows = []
+    for kind in ("document split", f"interleaved {block} B"):
+        for target, m in TARGETS:
+            errors = []
+            for seed in range(seeds):
+                fit, held = halves(kind, seed)
+                theta = calibrate_threshold(fit, target, max_patch_length=m)
+                assert abs(mean_patch_size(fit, theta, m) / target - 1) < 0.01, "calibration missed on its own data"
+                errors.append(mean_patch_size(held, theta, m) / target - 1)
+            e = torch.tensor(errors)
+            rows.append(dict(split=kind, target=target, max_patch_length=m, seeds=seeds,
+                             mean_rel_error=float(e.mean()), mean_abs_rel_error=float(e.abs().mean()),
+                             max_abs_rel_error=float(e.abs().max()), within_1pct=float((e.abs() <= 0.01).float().mean())))
+            r = rows[-1]
+            print(f"  {kind:<22} target {target:4.1f} m={m}: held-out error mean {100 * r['mean_rel_error']:+.2f}%, "
+                  f"mean |err| {100 * r['mean_abs_rel_error']:.2f}%, max |err| {100 * r['max_abs_rel_error']:.2f}%, "
+                  f"within 1% in {100 * r['within_1pct']:.0f}% of {seeds} splits")
+    return dict(corpus_bytes=int(ids.shape[1]), documents=len(docs), entropy_seconds=seconds,
+                mean_entropy_nats=float(h.mean()), rows=rows)
+
+
+def ratio_summary(ratios: list[float], batches_per_64kb: int, target: float) -> dict:
+    blocks = [statistics.fmean(ratios[i : i + batches_per_64kb])
+              for i in range(0, len(ratios) - batches_per_64kb + 1, batches_per_64kb)]
+    return dict(
+        ratio=statistics.fmean(ratios),
+        per_64kb_min=min(blocks), per_64kb_max=max(blocks),
+        per_64kb_max_abs_dev_points=100 * max(abs(b - target) for b in blocks),
+        per_batch_min=min(ratios), per_batch_max=max(ratios), per_batch_sd=statistics.pstdev(ratios),
+        fraction_batches_within_1pt=sum(abs(r - target) <= 0.01 for r in ratios) / len(ratios),
+    )
 
 
 def bench_adaptive(model: torch.nn.Module, stream_bytes: int, batch: int, block: int, warmup_batches: int) -> dict:
+    """Step the controller over ``stream_bytes`` of the built-in corpus in (batch, block) batches, as a training loop
+    would; compare with the best fixed threshold in hindsight (calibrated on the same stream after warm-up)."""
     docs = builtin_documents()
     rng = random.Random(0)
-    parts, total = [], 0
-    while total < stream_bytes:  # reshuffle the corpus each pass
-        order = list(range(len(docs)))
-        rng.shuffle(order)
-        for i in order:
-            parts.append(docs[i].data + b"\n")
-            total += len(parts[-1])
-    data = b"".join(parts)
+    order, total = [], 0
+    while total < stream_bytes:  # the corpus is ~466 KB: reshuffle its documents on each pass
+        perm = list(range(len(docs)))
+        rng.shuffle(perm)
+        order += perm
+        total += sum(len(docs[i].data) + 1 for i in perm)
     n_batches = stream_bytes // (batch * block)
-    ids = ids_from_bytes(data[: n_batches * batch * block])[None]
+    ids = stream_from_documents([docs[i] for i in order]).long()[None, : n_batches * batch * block]
     t0 = time.perf_counter()
     h = next_byte_entropies(model, ids)  # one long stream: windows of the model's context
     seconds = time.perf_counter() - t0
     batches = h.reshape(n_batches, batch, block)
-    ctrl = AdaptiveEntropyThreshold(target_boundary_ratio=0.1)
-    ratios, thresholds, ema = [], [], []
+    target = 0.1
+    ctrl = AdaptiveEntropyThreshold(target_boundary_ratio=target)
+    ratios, thresholds = [], []
     for hb in batches:  # a loop over batches, as in training
         thresholds.append(ctrl.threshold)
         ratios.append(float(ctrl.step(hb).float().mean()))
-        ema.append(ctrl.ema_ratio)
-    after = ratios[warmup_batches:]
-    per_batch_bytes = batch * block
-    block_batches = max(1, 65536 // per_batch_bytes)
-    blocks = [statistics.fmean(after[i : i + block_batches]) for i in range(0, len(after) - block_batches + 1,
-                                                                             block_batches)]
+    per_64kb = max(1, 65536 // (batch * block))
+    adaptive = ratio_summary(ratios[warmup_batches:], per_64kb, target)
+    fixed_theta = calibrate_threshold(batches[warmup_batches:].reshape(-1, block), 1 / target)
+    fixed = ratio_summary([float(global_start_mask(hb, fixed_theta).float().mean()) for hb in batches[warmup_batches:]],
+                          per_64kb, target)
     result = dict(
         stream_bytes=int(ids.shape[1]), batch=batch, block=block, batches=n_batches, warmup_batches=warmup_batches,
-        warmup_bytes=warmup_batches * per_batch_bytes, entropy_seconds=seconds, target=0.1,
-        ratio_after_warmup=statistics.fmean(after),
-        ratio_per_64kb_min=min(blocks), ratio_per_64kb_max=max(blocks),
-        ratio_per_batch_min=min(after), ratio_per_batch_max=max(after),
-        fraction_batches_within_1pt=sum(abs(r - 0.1) <= 0.01 for r in after) / len(after),
-        ema_ratio_min=min(ema[warmup_batches:]), ema_ratio_max=max(ema[warmup_batches:]),
-        threshold_min=min(thresholds[warmup_batches:]), threshold_max=max(thresholds[warmup_batches:]),
-        final_threshold=ctrl.threshold, state=ctrl.state_dict(),
+        warmup_bytes=warmup_batches * batch * block, entropy_seconds=seconds, target=target,
+        controller=dict(gain=ctrl.gain, ema_decay=ctrl.ema_decay, initial_threshold=thresholds[0]),
+        adaptive=adaptive, threshold_min=min(thresholds[warmup_batches:]),
+        threshold_max=max(thresholds[warmup_batches:]), final_state=ctrl.state_dict(),
+        fixed_threshold_in_hindsight=dict(threshold=fixed_theta, **fixed),
     )
-    print(f"adaptive controller over {result['stream_bytes'] / 1e6:.2f} MB ({n_batches} batches of {batch}x{block}, "
-          f"warm-up {warmup_batches} batches): ratio {result['ratio_after_warmup']:.4f} overall, "
-          f"per 64 KB [{result['ratio_per_64kb_min']:.4f}, {result['ratio_per_64kb_max']:.4f}], per batch "
-          f"[{result['ratio_per_batch_min']:.4f}, {result['ratio_per_batch_max']:.4f}] "
-          f"({100 * result['fraction_batches_within_1pt']:.1f}% within ±1 pt); θ in "
-          f"[{result['threshold_min']:.3f}, {result['threshold_max']:.3f}]")
+    for name, r in (("adaptive", adaptive), (f"fixed θ={fixed_theta:.3f} (hindsight)", fixed)):
+        print(f"  {name:<28} ratio {r['ratio']:.4f}; per 64 KB [{r['per_64kb_min']:.4f}, {r['per_64kb_max']:.4f}] "
+              f"(max dev {r['per_64kb_max_abs_dev_points']:.2f} pt); per batch [{r['per_batch_min']:.4f}, "
+              f"{r['per_batch_max']:.4f}] sd {r['per_batch_sd']:.4f}, {100 * r['fraction_batches_within_1pt']:.0f}% "
+              f"within ±1 pt")
+    print(f"  over {result['stream_bytes'] / 1e6:.2f} MB: {n_batches} batches of {batch}x{block}, warm-up "
+          f"{warmup_batches} batches; θ in [{result['threshold_min']:.3f}, {result['threshold_max']:.3f}]")
     return result
 
 
@@ -282,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", type=Path, default=DEFAULT_CKPT if DEFAULT_CKPT.exists() else None,
                    help="ByteLM checkpoint (default: runs/quickstart/checkpoints/last.ckpt when present).")
     p.add_argument("--bytes", type=int, default=65536, help="Bytes per throughput measurement.")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stream-bytes", type=int, default=1_000_000, help="Adaptive controller stream length.")
     p.add_argument("--calibration-bytes", type=int, default=None,
-                   help="Bytes of fit and of held-out text (default: all of each half of the corpus).")
+                   help="Bytes of the corpus to calibrate on (default: all of it, ~466 KB).")
+    p.add_argument("--seeds", type=int, default=20, help="Random halvings of the corpus for calibration.")
     p.add_argument("--batch", type=int, default=32, help="Adaptive controller: rows of 256 bytes per batch.")
     p.add_argument("--warmup", type=int, default=10, help="Adaptive controller: warm-up batches not counted.")
     p.add_argument("--compile", action="store_true", help="Also time torch.compile of the entropy model.")
@@ -293,15 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
-        args.bytes, args.repeats, args.stream_bytes, args.calibration_bytes = 16384, 1, 131072, 32768
-        args.batch, args.warmup = 8, 10
+        args.bytes, args.repeats, args.stream_bytes, args.calibration_bytes = 16384, 1, 131072, 65536
+        args.batch, args.warmup, args.seeds = 8, 10, 3
 
     load_before = os.getloadavg()
     model, source = load_model(args.ckpt)
     print(f"entropy model: {source}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_before[0]:.1f} on {os.cpu_count()} CPUs")
     throughput = bench_throughput(model, args.bytes, args.repeats, args.quick, args.compile)
-    calibration = bench_calibration(model, args.calibration_bytes)
+    calibration = bench_calibration(model, args.calibration_bytes, seeds=args.seeds)
     adaptive = bench_adaptive(model, args.stream_bytes, batch=args.batch, block=256, warmup_batches=args.warmup)
 
     reaching = [r for r in throughput if r.get("dim") and r["mb_per_s"] >= 1.0 and "forward only" not in r["setting"]]
@@ -311,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         target_mb_per_s=1.0,
         target_reached_by_quickstart=throughput[0]["mb_per_s"] >= 1.0,
         largest_size_reaching_target=None if biggest is None else biggest["setting"].split(":")[0],
-        calibration_max_abs_rel_error_interleaved=calibration["interleaved_max_abs_rel_error"],
-        calibration_max_abs_rel_error_document_split=calibration["document_split_max_abs_rel_error"],
-        adaptive_ratio_after_warmup=adaptive["ratio_after_warmup"],
+        calibration_mean_abs_rel_error=statistics.fmean(r["mean_abs_rel_error"] for r in calibration["rows"]),
+        calibration_within_1pct=statistics.fmean(r["within_1pct"] for r in calibration["rows"]),
+        adaptive_ratio_after_warmup=adaptive["adaptive"]["ratio"],
+        adaptive_per_64kb_max_abs_dev_points=adaptive["adaptive"]["per_64kb_max_abs_dev_points"],
     )
     print("summary:", json.dumps(summary, indent=2))
     result = dict(
