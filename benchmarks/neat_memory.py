@@ -9,6 +9,7 @@ RSS is its own; training and inference throughput are measured in it.
 
     OMP_NUM_THREADS=1 python benchmarks/neat_memory.py                 # full run (see --steps), prints a table
     python benchmarks/neat_memory.py --steps 20 --eval-samples 20      # smoke run
+    OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --svf           # the SVF experiment (key "svf" of the JSON)
 
 Writes ``benchmarks/results/neat_memory.json`` (atomically) and keeps the checkpoints in ``runs/neat_memory/``.
 """
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "neat_memory"))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--eval-only", action="store_true", help="reuse the checkpoints in --runs-dir")
+    p.add_argument("--svf", action="store_true",
+                   help="run the SVF experiment instead: train a base model on the math tasks, then only the z vector "
+                        "of one task's expert; report exact match per task before and after (key 'svf' of the JSON)")
+    p.add_argument("--svf-task", default="arithmetic")
+    p.add_argument("--svf-base-minutes", type=float, default=8.0)
+    p.add_argument("--svf-z-minutes", type=float, default=4.0)
+    p.add_argument("--svf-lr", type=float, default=2e-3)
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -174,6 +182,73 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# SVF: train one expert's z, compare exact match per task with the base model
+
+
+def run_svf(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from neat_lightning.data.math import MATH_TASKS, MathDataModule
+    from neat_lightning.modules.neat import NeatModel
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    L.seed_everything(args.seed, verbose=False)
+    model = NeatModel(
+        dim=args.dim, n_layers=args.layers, heads=4, block_size=128, window=64, titans=False, svf=True,
+        svf_dispatch="classify", svf_train_experts=[args.svf_task], active_components=[], answer_weight=4.0,
+        learning_rate=args.lr, warmup_steps=50,
+    )
+    data = MathDataModule(tasks=list(MATH_TASKS), difficulties=[1], block_size=128, batch_size=16,
+                          batches_per_epoch=100_000, val_batches=24, seed=args.seed)
+
+    def phase(minutes: float, name: str) -> tuple[int, float]:
+        trainer = L.Trainer(accelerator="cpu", max_steps=100_000, max_time={"seconds": int(minutes * 60)},
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, limit_val_batches=0, gradient_clip_val=1.0,
+                            default_root_dir=args.runs_dir)
+        t0 = time.perf_counter()
+        trainer.fit(model, data)
+        print(f"svf {name}: {trainer.global_step} steps", file=sys.stderr, flush=True)
+        return int(trainer.global_step), round(time.perf_counter() - t0, 1)
+
+    def evaluate() -> dict:
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        metrics = trainer.validate(model, data, verbose=False)[0]
+        return {k.split("/", 1)[1]: round(float(v), 4) for k, v in metrics.items() if k.startswith("val/")}
+
+    base_steps, base_s = phase(args.svf_base_minutes, "base")
+    base = evaluate()
+    model.set_component_active("svf", True)  # decompose the trained weights; only z + the dispatcher train now
+    model.hparams.learning_rate = args.svf_lr
+    z_steps, z_s = phase(args.svf_z_minutes, "z")
+    svf = evaluate()
+    tasks = [k for k in base if k.startswith("exact_match/")]
+    return {
+        "task": args.svf_task,
+        "base_steps": base_steps, "base_seconds": base_s, "z_steps": z_steps, "z_seconds": z_s,
+        "base": base, "svf": svf,
+        "delta_points": {k.split("/", 1)[1]: round(100 * (svf[k] - base[k]), 2) for k in tasks},
+        "trainable_z": sum(layer.z[0].numel() for layer in model.modules() if hasattr(layer, "svf_active")),
+    }
+
+
+def write_results(out: Path, key: str | None, payload: dict) -> None:
+    """Write (or with ``key`` merge into) the JSON atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if key is not None:
+        current = json.loads(out.read_text()) if out.exists() else {"benchmark": "neat_memory"}
+        current[key] = payload
+        payload = current
+    elif out.exists() and "svf" in (old := json.loads(out.read_text())):
+        payload["svf"] = old["svf"]
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # driver
 
 
@@ -181,6 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args, args.worker)), flush=True)
+        return 0
+    if args.svf:
+        result = run_svf(args)
+        print(f"SVF: base {result['base_steps']} steps, z ({args.svf_task} only) {result['z_steps']} steps; "
+              f"dispatch accuracy {result['svf'].get('dispatch_acc', float('nan')):.3f}")
+        print(f"{'task':<14} {'base':>7} {'svf':>7} {'delta pts':>9}")
+        for name, delta in result["delta_points"].items():
+            print(f"{name:<14} {result['base']['exact_match/' + name]:>7.3f} {result['svf']['exact_match/' + name]:>7.3f}"
+                  f" {delta:>+9.2f}")
+        write_results(Path(args.out), "svf", {"settings": {k: v for k, v in vars(args).items() if k.startswith("svf")
+                                                            or k in ("dim", "layers", "lr", "seed")}, **result})
+        print(f"wrote {args.out}")
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
@@ -217,12 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_threads": int(env["OMP_NUM_THREADS"]),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_results(Path(args.out), None, payload)
+    print(f"wrote {args.out}")
     return 0
 
 

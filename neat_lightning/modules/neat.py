@@ -140,6 +140,7 @@ class NeatModel(NeatModule):
         svf_dispatch: ``"oracle"`` uses the batch's task labels; ``"classify"`` / ``"mixture"`` use the
             dispatcher's first pass (trained on the labels while SVF is active).
         svf_freeze_base: while SVF is active only ``z`` and the dispatcher train (other gradients are dropped).
+        svf_train_experts: experts whose ``z`` trains (e.g. one task type); ``None`` for all.
         dispatch_prefix: leading bytes the dispatcher pools (the start of the prompt).
         active_components: components active from the start (others wait for ``set_component_active`` /
             the ComponentSchedule callback).
@@ -167,6 +168,7 @@ class NeatModel(NeatModule):
         svf_targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(w1|w2|w3))",
         svf_dispatch: Literal["oracle", "classify", "mixture"] = "classify",
         svf_freeze_base: bool = True,
+        svf_train_experts: list[str] | None = None,
         dispatch_prefix: int = 32,
         active_components: list[str] = ["titans"],
         answer_weight: float = 1.0,
@@ -186,6 +188,9 @@ class NeatModel(NeatModule):
             raise ValueError(f"answer_weight={answer_weight} must be > 0")
         if svf_dispatch not in ("oracle", "classify", "mixture"):
             raise ValueError(f"svf_dispatch={svf_dispatch!r} must be 'oracle', 'classify' or 'mixture'")
+        for name in svf_train_experts or []:
+            if name not in svf_tasks:
+                raise ValueError(f"svf_train_experts: {name!r} is not an expert; svf_tasks are {list(svf_tasks)}")
         built = [n for n, on in (("titans", titans), ("svf", svf)) if on]
         for name in active_components:
             if name not in built:
@@ -355,6 +360,11 @@ class NeatModel(NeatModule):
             for p in self.parameters():
                 if id(p) not in trainable:
                     p.grad = None
+        if self.is_active("svf") and self.hparams.svf_train_experts is not None:
+            frozen = [i for i, t in enumerate(self.svf_tasks) if t not in self.hparams.svf_train_experts]
+            for layer in svf_layers(self.model):
+                if layer.z.grad is not None:
+                    layer.z.grad[frozen] = 0.0
 
     # -- validation: loss, bpb, exact match per task type ----------------------------------------------------------
 
@@ -403,7 +413,13 @@ class NeatModel(NeatModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+        config = default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+        # z vectors are scales around 1: decaying them towards 0 would shrink every expert, trained or not
+        z_ids = {id(layer.z) for layer in svf_layers(self.model)}
+        decay, no_decay = config["optimizer"].param_groups
+        no_decay["params"].extend(p for p in decay["params"] if id(p) in z_ids)
+        decay["params"] = [p for p in decay["params"] if id(p) not in z_ids]
+        return config
 
     # -- MemoryConsolidator ----------------------------------------------------------------------------------------
 

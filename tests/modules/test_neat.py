@@ -86,6 +86,17 @@ def test_svf_training_moves_only_z_and_the_dispatcher(tmp_path):
     assert changed and all(k.endswith(".z") or k.startswith("dispatcher.") for k in changed), changed
 
 
+def test_svf_train_experts_trains_only_the_chosen_expert(tmp_path):
+    model = tiny(titans=False, active_components=["svf"], svf_train_experts=["arithmetic"])
+    before = [layer.z.detach().clone() for layer in svf_layers(model.model)]
+    trainer(tmp_path, 3).fit(model, tiny_data(tasks=["arithmetic", "algebra"]))
+    after = [layer.z.detach() for layer in svf_layers(model.model)]
+    moved = {i for b, a in zip(before, after) for i in range(len(b)) if not torch.equal(b[i], a[i])}
+    assert moved == {TASK_TYPES.index("arithmetic")}
+    with pytest.raises(ValueError, match=r"svf_train_experts: 'poetry' is not an expert"):
+        tiny(svf_train_experts=["poetry"])
+
+
 def fit(tmp_path, steps: int, resume=None, save_at: int | None = None) -> NeatModel:
     L.seed_everything(0)
     model = tiny()
