@@ -39,7 +39,7 @@ from einops import rearrange
 from torch import nn
 
 from neat_lightning.components.plasticity import N_NEIGHBOURS, neighbour_offsets
-from neat_lightning.components.transformer import Block, TransformerConfig, rope_angles
+from neat_lightning.components.transformer import Block, KVCache, TransformerConfig, rope_angles
 
 Perception = Literal["sobel", "depthwise"]
 
@@ -349,40 +349,53 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, E), memory: (B, S, E), key_mask: (B, S) bool True = attend -> (B, T, E)."""
+    def keys_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory (B, S, E) -> stacked keys and values (2, B, h, S, d), reusable across decoding steps."""
+        return rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | None, key_mask: torch.Tensor | None = None,
+        kv: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, E), memory: (B, S, E) (or its precomputed ``kv``), key_mask: (B, S) bool True = attend
+        -> (B, T, E)."""
         q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.heads)
-        k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        k, v = kv if kv is not None else self.keys_values(memory)
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class FaceEncoder(nn.Module):
-    """Question bytes -> input face: byte embeddings + a causal transformer block, then one learned query per face
-    cell cross-attends to the bytes and is projected to the cell's ``C`` channels."""
+    """Question bytes -> input face. Byte embeddings + a causal transformer block give one vector per byte; byte
+    ``t`` is written onto ``k = H·W // max_len`` adjacent face cells (row-major, ``C`` channels each), so the question
+    lies spelled out across the face; a learned per-cell bias marks positions and fills the cells no byte reaches."""
 
     def __init__(self, channels: int, height: int, width: int, dim: int, heads: int, max_len: int) -> None:
         super().__init__()
-        self.height, self.width = height, width
+        if max_len > height * width:
+            raise ValueError(f"max_len={max_len} question bytes do not fit on a {height}x{width} face (one cell each)")
+        self.height, self.width, self.max_len = height, width, max_len
+        self.cells_per_byte = height * width // max_len
         self.tconfig = TransformerConfig(vocab_size=260, dim=dim, n_layers=1, heads=heads, block_size=max_len)
         self.embed = nn.Embedding(260, dim)
         self.block = Block(self.tconfig)
         self.norm = nn.RMSNorm(dim, eps=1e-6)
-        self.queries = nn.Parameter(torch.randn(height * width, dim) * 0.02)
-        self.attend = CrossAttention(dim, heads)
-        self.out = nn.Linear(dim, channels)
+        self.out = nn.Linear(dim, self.cells_per_byte * channels, bias=False)  # PAD (zero) -> zero cells
+        self.cell_bias = nn.Parameter(torch.zeros(height * width, channels))
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-        """ids: (B, T) int64 question bytes (PAD-padded) -> input face (B, H·W, C), cells row-major."""
+        """ids: (B, T <= max_len) int64 question bytes (PAD-padded) -> input face (B, H·W, C), cells row-major."""
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"question length {ids.shape[1]} > max_len={self.max_len}")
         positions = torch.arange(ids.shape[1], device=ids.device)
         cos, sin = rope_angles(positions, self.tconfig.dim_head, self.tconfig.rope_base)
         x = self.norm(self.block(self.embed(ids), cos, sin, positions))  # (B, T, E)
-        keep = ids != pad_id
-        keep = keep | ~keep.any(1, keepdim=True)  # an all-PAD row attends everywhere rather than to nothing
-        q = self.queries.expand(ids.shape[0], -1, -1)  # (B, N, E)
-        return self.out(q + self.attend(q, x, keep))  # (B, H·W, C)
+        x = x * (ids != pad_id)[..., None]  # PAD bytes write nothing (causal: they never reach real bytes)
+        cells = rearrange(self.out(x), "b t (k c) -> b (t k) c", k=self.cells_per_byte)  # (B, T·k, C)
+        face = F.pad(cells, (0, 0, 0, self.height * self.width - cells.shape[1]))  # (B, H·W, C)
+        return face + self.cell_bias
 
 
 class DecoderLayer(nn.Module):
@@ -394,9 +407,9 @@ class DecoderLayer(nn.Module):
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.cross = CrossAttention(config.dim, config.heads)
 
-    def forward(self, x, memory, cos, sin, positions) -> torch.Tensor:
-        x = self.block(x, cos, sin, positions)
-        return x + self.cross(self.norm(x), memory)
+    def forward(self, x, memory, cos, sin, positions, cache: KVCache | None = None, kv=None) -> torch.Tensor:
+        x = self.block(x, cos, sin, positions, cache)
+        return x + self.cross(self.norm(x), memory, kv=kv)
 
 
 class FaceDecoder(nn.Module):
@@ -418,14 +431,28 @@ class FaceDecoder(nn.Module):
         """Output face (B, H·W, C) -> decoder memory (B, H·W, E)."""
         return self.memory_norm(self.cell_in(face) + self.cell_pos)
 
-    def forward(self, ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """ids: (B, T) int64 (BOS + answer so far), memory: (B, N, E) -> next-byte logits (B, T, 260)."""
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(
+        self, ids: torch.Tensor, memory: torch.Tensor | None, start_pos: int = 0,
+        caches: list[KVCache] | None = None, kvs: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """ids: (B, T) int64 (BOS + answer so far), memory: (B, N, E) -> next-byte logits (B, T, 260).
+
+        For incremental decoding pass ``caches`` (:meth:`make_caches`), ``kvs`` (:meth:`cross_keys_values`) and the
+        position ``start_pos`` of ``ids[:, 0]``."""
+        positions = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
         cos, sin = rope_angles(positions, self.config.dim_head, self.config.rope_base)
         x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x, memory, cos, sin, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, cos, sin, positions, caches[i] if caches else None, kvs[i] if kvs else None)
         return self.head(self.norm(x))
+
+    def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        cfg, w = self.config, self.embed.weight
+        return [KVCache(batch, cfg.heads, max_len, cfg.dim_head, device=w.device, dtype=w.dtype) for _ in self.layers]
+
+    def cross_keys_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's cross-attention keys/values of ``memory``, computed once per generation."""
+        return [layer.cross.keys_values(memory) for layer in self.layers]
 
 
 class PointwiseAdapter(nn.Module):

@@ -82,7 +82,15 @@ class LatticeNetwork(NeatModule):
         decoder_layers: decoder layers (self-attention + cross-attention to the output face).
         max_question_bytes: question length Lq the encoder is built for (longer prompts keep their end).
         max_answer_bytes: answer length the decoder is trained on.
-        plasticity: base rates and weight bounds of the plasticity rules.
+        stdp_a_plus: STDP potentiation amplitude A₊ (before the profile's multiplier).
+        stdp_a_minus: STDP depression amplitude A₋.
+        stdp_trace_decay: STDP trace decay per lattice step.
+        bcm_rate: BCM learning rate η.
+        bcm_tau: BCM sliding-threshold time constant τ_θ, in plasticity updates.
+        competitive_rate: competitive boost/inhibition factor.
+        competitive_top_k: competitive winners per cell (of 26).
+        w_min: lower clamp of the connection weights.
+        w_max: upper clamp of the connection weights.
         plasticity_enabled: apply plasticity after each optimiser step.
         profile: initial plasticity profile (``discovery``, ``learning``, ``consolidation``, ``freeze``).
         n_clusters: K of the functional clustering.
@@ -115,7 +123,15 @@ class LatticeNetwork(NeatModule):
         decoder_layers: int = 2,
         max_question_bytes: int = 48,
         max_answer_bytes: int = 40,
-        plasticity: PlasticityConfig = PlasticityConfig(),
+        stdp_a_plus: float = 0.01,
+        stdp_a_minus: float = 0.012,
+        stdp_trace_decay: float = 0.8,
+        bcm_rate: float = 0.01,
+        bcm_tau: float = 10.0,
+        competitive_rate: float = 0.02,
+        competitive_top_k: int = 6,
+        w_min: float = 0.0,
+        w_max: float = 2.0,
         plasticity_enabled: bool = True,
         profile: str = "discovery",
         n_clusters: int = 8,
@@ -138,7 +154,11 @@ class LatticeNetwork(NeatModule):
         if cluster_coordination < 0:
             raise ValueError(f"cluster_coordination={cluster_coordination} must be >= 0")
         self.config = LatticeConfig(depth, height, width, channels, hidden, steps, fire_rate, perception, alive_threshold)
-        self.plasticity_config = plasticity
+        # flat arguments rather than a dataclass: hparams stay plain values, so checkpoints load with weights_only
+        self.plasticity_config = PlasticityConfig(
+            stdp_a_plus, stdp_a_minus, stdp_trace_decay, bcm_rate, bcm_tau, competitive_rate, competitive_top_k,
+            w_min, w_max,
+        )
         self.profile = profile_by_name(profile)
         self.clustering_enabled = clustering
         self.encoder = FaceEncoder(channels, height, width, encoder_dim, heads, max_question_bytes)
@@ -161,7 +181,7 @@ class LatticeNetwork(NeatModule):
     def _allocate(self, size: tuple[int, int, int]) -> None:
         """(Re)create every buffer whose shape is the lattice size; values are reset (weights load afterwards)."""
         D, H, W = size
-        device = self.encoder.queries.device
+        device = self.encoder.cell_bias.device
         self.register_buffer("connections", torch.zeros(D, H, W, N_NEIGHBOURS, device=device))
         self.register_buffer("connection_mask", torch.ones(D, H, W, N_NEIGHBOURS, dtype=torch.bool, device=device))
         self.register_buffer("cluster_ids", torch.zeros(D, H, W, dtype=torch.long, device=device))
@@ -189,9 +209,12 @@ class LatticeNetwork(NeatModule):
         self.config = dataclasses.replace(self.config, depth=D, height=H, width=W)
         if self.hparams.use_lattice:
             self.rule.build_stencils((D, H, W))
+        if H * W < self.encoder.max_len * self.encoder.cells_per_byte:
+            raise ValueError(f"lattice size {(D, H, W)}: a {H}x{W} face cannot hold the encoder's "
+                             f"{self.encoder.max_len} bytes x {self.encoder.cells_per_byte} cells")
         self.encoder.height, self.encoder.width = H, W
-        dev = self.encoder.queries.device
-        self.encoder.queries = torch.nn.Parameter(torch.zeros(H * W, self.encoder.queries.shape[1], device=dev))
+        dev = self.encoder.cell_bias.device
+        self.encoder.cell_bias = torch.nn.Parameter(torch.zeros(H * W, self.config.channels, device=dev))
         self.decoder.cell_pos = torch.nn.Parameter(torch.zeros(H * W, self.decoder.cell_pos.shape[1], device=dev))
         self._allocate((D, H, W))
         self._record()
@@ -278,9 +301,18 @@ class LatticeNetwork(NeatModule):
         self.log("train/loss", loss, prog_bar=True)
         return total
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then plasticity and clustering on the activity of the step's forward.
+
+        Done here rather than in ``on_train_batch_end`` because callbacks' ``on_train_batch_end`` (ModelCheckpoint's
+        among them) run before the module's: a checkpoint written at step k must already hold step k's plasticity,
+        or a resume from it would differ from the uninterrupted run."""
+        super().optimizer_step(*args, **kwargs)
+        self.plasticity_step()
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Plasticity and clustering between optimiser steps, then lattice metrics."""
+    def plasticity_step(self) -> None:
+        """Apply the combined plasticity rule to the connections and update the clusters (no gradient)."""
         if not self.hparams.use_lattice or self._last_activity is None:
             return
         p = self.profile
@@ -295,7 +327,9 @@ class LatticeNetwork(NeatModule):
         if self.clustering_enabled and self._last_cells is not None:
             ids = self.kmeans.update(self._last_cells, generator=self._cpu_generator())
             self.cluster_ids.copy_(ids.reshape(self.cluster_ids.shape))
-        if self.global_step % self.hparams.metrics_every == 0:
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._last_activity is not None and self.global_step % self.hparams.metrics_every == 0:
             self.log_dict(self.lattice_metrics(self._last_activity[-1]))
 
     def _cpu_generator(self) -> torch.Generator:
@@ -338,23 +372,26 @@ class LatticeNetwork(NeatModule):
     def generate_ids(self, questions: torch.Tensor, max_new_bytes: int) -> torch.Tensor:
         """Greedy answers for a batch of questions (B, Lq) -> (B, N <= max_new_bytes) ids, PAD after EOS.
 
-        The lattice runs once (expected updates, no sampling); the decoder then re-reads its whole prefix each byte
-        (answers are short, so a KV cache would not pay for itself)."""
+        The lattice runs once (expected updates, no sampling); the decoder then extends a KV cache one byte at a
+        time, with the cross-attention keys/values of the output face computed once."""
         was_training = self.training
         self.eval()
         memory, _, _ = self.encode_questions(questions.to(self.device))
         B = questions.shape[0]
-        ids = torch.full((B, 1), BOS_ID, dtype=torch.long, device=self.device)
+        caches = self.decoder.make_caches(B, max_new_bytes + 1)
+        kvs = self.decoder.cross_keys_values(memory)
+        nxt = torch.full((B,), BOS_ID, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for _ in range(max_new_bytes):  # over generated bytes
-            nxt = self.decoder(ids, memory)[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        out = []
+        for pos in range(max_new_bytes):  # over generated bytes
+            logits = self.decoder(nxt[:, None], None, pos, caches, kvs)[:, -1]
+            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), logits.argmax(-1))
+            out.append(nxt)
             done |= nxt == EOS_ID
             if bool(done.all()):
                 break
         self.train(was_training)
-        return ids[:, 1:]
+        return torch.stack(out, 1) if out else torch.empty(B, 0, dtype=torch.long, device=self.device)
 
     def generate_text(self, prompts: list[str], max_new_bytes: int, batch_size: int = 64) -> list[str]:
         """Answer each prompt (greedy); returns only the answers."""
