@@ -229,7 +229,7 @@ class VectorQuantizer(nn.Module):
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
         """EMA codebook update (VQ-VAE-2 appendix) followed by dead-code restarts; returns the restart count."""
         counts = torch.bincount(indices, minlength=self.codebook_size).to(flat.dtype)  # (K,)
         sums = torch.zeros_like(self.embed_avg).index_add_(0, indices, flat)  # (K, D)
@@ -242,17 +242,19 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace smoothing
         embed = self.embed_avg / smoothed[:, None]
         self.embed.copy_(l2norm(embed) if self.cosine else embed)
-        return self._restart_dead_codes(flat)
+        return self._restart_dead_codes(flat, errors)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: torch.Tensor) -> torch.Tensor:
+    def _restart_dead_codes(self, flat: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+        """Restart codes below the threshold to batch vectors; ``errors`` (N,) are the vectors' squared distances to
+        their code at lookup (reused, so restarts cost no second (N, K) distance computation)."""
         dead = self.cluster_size < self.dead_code_threshold  # (K,)
         n_dead = dead.sum()
         if self.dead_code_threshold <= 0 or not bool(n_dead):
             return n_dead
         g = step_generator(self.seed, int(self.step), flat.device)
         if self.restart_sampling == "error":
-            weights = squared_distances(flat, self.codebook).min(-1).values + 1e-12  # (N,)
+            weights = errors + 1e-12  # (N,)
         else:
             weights = torch.ones(len(flat), device=flat.device)
         pick = torch.multinomial(weights, self.codebook_size, replacement=True, generator=g)  # (K,) one per code
@@ -279,11 +281,11 @@ class VectorQuantizer(nn.Module):
         update = self.training and torch.is_grad_enabled()
         if update and not bool(self.initted):
             self._init_from_kmeans(flat.detach())
-        indices = squared_distances(flat.detach(), self.codebook).argmin(-1)  # (N,)
+        errors, indices = squared_distances(flat.detach(), self.codebook).min(-1)  # (N,), (N,)
         q = F.embedding(indices, self.codebook).clone()  # (N, D): the codes the lookup chose, before the update
         restarted = torch.zeros((), dtype=torch.long, device=z.device)
         if update:
-            restarted = self._ema_update(flat.detach(), indices)
+            restarted = self._ema_update(flat.detach(), indices, errors)
             self.step += 1
         commit = self.commitment * F.mse_loss(flat, q.detach())
         hist = torch.bincount(indices, minlength=self.codebook_size).float()

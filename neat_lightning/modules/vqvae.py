@@ -66,7 +66,7 @@ def psnr_per_image(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def comparison_grid(originals: torch.Tensor, recons: torch.Tensor, pad: int = 1) -> torch.Tensor:
     """(N, C, H, W) originals and reconstructions -> (C, 2 (H + pad), N (W + pad)) image: originals on top."""
-    both = torch.stack([originals, recons]).clamp(0, 1)  # (2, N, C, H, W)
+    both = torch.stack([originals, recons]).detach().clamp(0, 1)  # (2, N, C, H, W)
     both = F.pad(both, (0, pad, 0, pad), value=1.0)
     return rearrange(both, "r n c h w -> c (r h) (n w)")
 
