@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-depth", type=int, default=2)
     p.add_argument("--dim-memory", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--max-lr", type=float, default=1.0, help="upper bound of the memory's inner step θ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel (separate processes)")
@@ -78,7 +79,7 @@ def build_model(args: argparse.Namespace, variant: str):
     titans = variant == "titans"
     tc = TitansConfig(
         dim_memory=args.dim_memory, memory_depth=args.memory_depth, memory_expansion=2.0,
-        chunk_size=args.chunk_size, persistent_tokens=4, memory_size=256,
+        chunk_size=args.chunk_size, persistent_tokens=4, memory_size=256, max_lr=args.max_lr,
     )
     return NeatModel(
         dim=args.dim, n_layers=args.layers, heads=4, block_size=args.block_size, window=args.window,
