@@ -218,6 +218,8 @@ def run_arm(cfg: RetentionConfig, seed: int, sleep: bool) -> dict[str, Any]:
         if sw is not None:
             sw.history = [(0, sw.phase)]
         trainer.fit(model, train_dataloaders=data)
+        if probe.points[-1]["step"] != probe.offset + steps:  # every phase ends with a probe
+            probe.measure(model, probe.offset + steps)
         if sw is not None:  # sleep phases in global steps across the run
             marks = sw.history + [(steps, "end")]
             sleeps += [[probe.offset + s, probe.offset + e] for (s, p), (e, _) in zip(marks, marks[1:]) if p == "sleep"]
