@@ -182,6 +182,7 @@ def test_image_folder_without_pillow_names_the_extra(monkeypatch, tmp_path) -> N
         ImageDataModule(image_folder=str(tmp_path))
 
 
+@pytest.mark.slow  # the `datasets` imagefolder builder takes ~5 s to start
 def test_image_folder_source(tmp_path) -> None:
     Image = pytest.importorskip("PIL.Image")
     import numpy as np
