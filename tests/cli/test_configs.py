@@ -13,7 +13,9 @@ FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
 # configs whose full batch is too slow for one CPU step in CI: a small batch still runs every code path
 # (the BLT entropy model is ~100M parameters in bf16-mixed, which the CPU emulates: 0.6 TFLOP per 512-byte row)
 OVERRIDES = {
-    "blt_entropy_model.yaml": ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "64"],
+    # model and data share `block_size` (Lightning refuses to log differing values under one name)
+    "blt_entropy_model.yaml": ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "64",
+                               "--model.init_args.block_size", "64"],
     "vqvae.yaml": ["--data.init_args.batch_size", "2"],
 }
 
