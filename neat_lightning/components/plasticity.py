@@ -144,11 +144,18 @@ def stdp_delta(
     Returns:
         ``(delta, trace)``: (D, H, W, 26) summed weight change and the (D, H, W) trace after the last step.
     """
-    delta = torch.zeros(*spikes.shape[1:], N_NEIGHBOURS, dtype=spikes.dtype, device=spikes.device)
-    for s in spikes:  # over lattice steps (their order matters), each step vectorised over all connections
-        pre_trace, pre_spike = gather_neighbours(trace), gather_neighbours(s)  # (D, H, W, 26)
-        delta += a_plus * pre_trace * s[..., None] - a_minus * trace[..., None] * pre_spike
+    traces = []
+    for s in spikes:  # the trace recurrence over lattice steps (their order matters), cheap (D, H, W) fields
+        traces.append(trace)
         trace = decay * trace + s
+    before = torch.stack(traces)  # (T, D, H, W): the trace each step's spikes meet
+    delta = torch.zeros(*spikes.shape[1:], N_NEIGHBOURS, dtype=spikes.dtype, device=spikes.device)
+    # gather several steps at once, in chunks of at most ~256 MB of gathered values (one step at 128x128x96)
+    chunk = max(1, (1 << 26) // (spikes[0].numel() * N_NEIGHBOURS))
+    for t in range(0, len(spikes), chunk):  # over chunks of lattice steps, each vectorised over all connections
+        s, tr = spikes[t : t + chunk], before[t : t + chunk]
+        delta += a_plus * (gather_neighbours(tr) * s[..., None]).sum(0)
+        delta -= a_minus * (tr[..., None] * gather_neighbours(s)).sum(0)
     return delta, trace
 
 
