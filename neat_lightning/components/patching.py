@@ -228,7 +228,7 @@ def next_byte_entropies(
         raise ValueError(f"context_overlap={context_overlap} must be in [0, block_size={block_size})")
     if batch_windows < 1:
         raise ValueError(f"batch_windows={batch_windows} must be >= 1")
-    if ids.shape[1] == 0:
+    if ids.numel() == 0:
         return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     was_training = model.training if isinstance(model, nn.Module) else None
     if was_training:
