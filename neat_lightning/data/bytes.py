@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from neat_lightning.data.loading import PlacedLoader, batch_generator
 from neat_lightning.data.codec import (  # noqa: F401  (re-exported: this module is the codec's public home)
     BOE_ID,
     BOS_ID,
@@ -151,11 +152,6 @@ def raw_bytes(docs: Sequence[Document]) -> bytes:
 # datasets
 
 
-def _generator(*keys: int) -> torch.Generator:
-    seed = int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 class RandomWindowBatches(IterableDataset):
     """Yields ``(batch_size, block_size + 1)`` int64 batches of random windows from ``stream``.
 
@@ -181,7 +177,7 @@ class RandomWindowBatches(IterableDataset):
 
     def batch(self, k: int) -> torch.Tensor:
         n_starts = len(self.stream) - self.block_size
-        starts = torch.randint(n_starts, (self.batch_size,), generator=_generator(self.seed, k, self.rank))
+        starts = torch.randint(n_starts, (self.batch_size,), generator=batch_generator(self.seed, k, self.rank))
         return self.stream[starts[:, None] + self._span].long()  # (B, T + 1)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -219,18 +215,6 @@ class SequentialWindowBatches(IterableDataset):
         mine = self._mine()
         for b in range(worker, len(self), n_workers):
             yield mine[b * self.batch_size : (b + 1) * self.batch_size].long()
-
-
-class _PlacedLoader(DataLoader):
-    """A DataLoader that tells its dataset where it is (rank, start batch) each time an iterator is made."""
-
-    def __init__(self, dataset: IterableDataset, place: Callable[[IterableDataset], None], **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._place = place
-
-    def __iter__(self):
-        self._place(self.dataset)
-        return super().__iter__()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,7 +343,7 @@ class ByteTextDataModule(L.LightningDataModule):
 
     def _loader(self, ds: IterableDataset) -> DataLoader:
         self._place(ds)  # rank is known once the trainer has set up its strategy; len() depends on it
-        return _PlacedLoader(
+        return PlacedLoader(
             ds, self._place, num_workers=self.num_workers, persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             # a loader without its own generator draws worker seeds from the global RNG at every iter(),

@@ -29,7 +29,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.bytes import _generator, _PlacedLoader, resolve_paths
+from neat_lightning.data.bytes import resolve_paths
+from neat_lightning.data.loading import PlacedLoader, batch_generator
 from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, encode
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class RandomPairBatches(IterableDataset):
         return self.batches_per_epoch
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(len(self.questions), (self.batch_size,), generator=_generator(self.seed, k, self.rank))
+        idx = torch.randint(len(self.questions), (self.batch_size,), generator=batch_generator(self.seed, k, self.rank))
         return {"question": self.questions[idx], "answer": self.answers[idx]}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -300,7 +301,7 @@ class QADataModule(L.LightningDataModule):
 
     def _loader(self, ds: IterableDataset) -> DataLoader:
         self._place(ds)
-        return _PlacedLoader(ds, self._place, num_workers=0)
+        return PlacedLoader(ds, self._place, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(

@@ -28,6 +28,7 @@ RNG_KEY = "neat_rng_states"
 RESTORERS = MappingProxyType(
     {
         "lora": "neat_lightning.components.lora:restore_lora",
+        "lattice": "neat_lightning.modules.lattice:restore_lattice",
     }
 )
 

@@ -51,7 +51,7 @@ from neat_lightning.components.plasticity import (
     profile_by_name,
 )
 from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
-from neat_lightning.modules.base import RESTORERS, STRUCTURE_KEY, NeatModule
+from neat_lightning.modules.base import NeatModule
 from neat_lightning.modules.optim import default_adamw
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,6 @@ class LatticeNetwork(NeatModule):
         self.decoder.cell_pos = torch.nn.Parameter(torch.zeros(H * W, self.decoder.cell_pos.shape[1], device=dev))
         self._allocate((D, H, W))
         self._record()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        structure = checkpoint.get(STRUCTURE_KEY, {})
-        if STRUCTURE_NAME in structure and STRUCTURE_NAME not in RESTORERS:
-            # until base.RESTORERS names restore_lattice, replay our own entry here (same effect, same order)
-            restore_lattice(self, structure[STRUCTURE_NAME])
-            checkpoint = {**checkpoint, STRUCTURE_KEY: {k: v for k, v in structure.items() if k != STRUCTURE_NAME}}
-        super().on_load_checkpoint(checkpoint)
 
     # -- Plastic protocol and stage hooks --------------------------------------------------------------------------
 
