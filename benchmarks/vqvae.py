@@ -1,6 +1,6 @@
 """VQVAE speed and memory (and, with --ckpt, the quality of a trained checkpoint).
 
-    python benchmarks/vqvae.py                      # speed table for the shipped configs -> benchmarks/results/vqvae.json
+    python benchmarks/vqvae.py                      # speed table of the shipped configs -> results/vqvae.json
     python benchmarks/vqvae.py --ckpt runs/vqvae_quickstart/checkpoints/last.ckpt
         # held-out PSNR, codebook usage, perplexity, dead codes and the cell round trip of that checkpoint
         # -> benchmarks/results/vqvae_eval_<run>.json

@@ -18,7 +18,6 @@ directory of CSV-style loggers).
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import zlib
@@ -36,7 +35,6 @@ from neat_lightning.components.vqvae import ConvVAEConfig, Decoder, Encoder
 from neat_lightning.modules.base import NeatModule
 from neat_lightning.modules.optim import default_adamw
 
-log = logging.getLogger(__name__)
 
 CODEBOOK_KEY = "quantizer.embed"
 
