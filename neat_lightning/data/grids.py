@@ -40,6 +40,8 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 
+from neat_lightning.data.loading import PlacedLoader
+
 Family = Literal["maze", "frozenlake", "minibehavior"]
 FAMILIES: tuple[str, ...] = ("maze", "frozenlake", "minibehavior")
 IMAGES_EXTRA_HINT = "pip install 'neat-lightning[images]'"
@@ -511,18 +513,6 @@ class FixedImageBatches(IterableDataset):
             yield x.float() / 255.0 if x.dtype == torch.uint8 else x
 
 
-class _PlacedLoader(DataLoader):
-    """A DataLoader that tells its dataset where it is (rank, start batch) each time an iterator is made."""
-
-    def __init__(self, dataset: IterableDataset, place: Callable[[IterableDataset], None], **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._place = place
-
-    def __iter__(self):
-        self._place(self.dataset)
-        return super().__iter__()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # the DataModule
 
@@ -626,7 +616,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, ds: IterableDataset) -> DataLoader:
         self._place(ds)
-        return _PlacedLoader(ds, self._place, num_workers=self.num_workers, persistent_workers=False,
+        return PlacedLoader(ds, self._place, num_workers=self.num_workers, persistent_workers=False,
                              pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
