@@ -1,8 +1,8 @@
 """Entropy patching benchmark: throughput (entropy model included), calibration accuracy, adaptive control.
 
-    python benchmarks/patching.py                                   # uses runs/quickstart/checkpoints/last.ckpt if it exists
+    python benchmarks/patching.py              # uses runs/quickstart/checkpoints/last.ckpt if it exists
     python benchmarks/patching.py --ckpt runs/x/checkpoints/last.ckpt --compile
-    python benchmarks/patching.py --quick                           # smaller inputs, fewer settings
+    python benchmarks/patching.py --quick      # smaller inputs, fewer settings
 
 1. Throughput in MB/s of bytes patched (next-byte entropies + global rule + patch lengths) for the quickstart-size
    ByteLM (dim 128, 2 layers, 4 heads, block 256: the checkpoint's weights if given, else random init; speed does
@@ -156,7 +156,8 @@ def bench_throughput(model: torch.nn.Module, n_bytes: int, repeats: int, quick: 
     if use_compile:
         try:
             compiled = torch.compile(model, dynamic=False)  # a few window widths: one graph each
-            add("quickstart d128 L2: torch.compile", cfg, patch_once(compiled, block_size=cfg.block_size), note="torch.compile(dynamic=False); compile time is in the warm-up call")
+            add("quickstart d128 L2: torch.compile", cfg, patch_once(compiled, block_size=cfg.block_size),
+                note="torch.compile(dynamic=False); compile time is in the warm-up call")
         except Exception as exc:  # compile is optional; report why it did not run
             rows.append(dict(setting="torch.compile", error=f"{type(exc).__name__}: {exc}"[:300]))
             print(f"  torch.compile failed: {type(exc).__name__}: {exc}"[:300])
@@ -237,7 +238,8 @@ def bench_calibration(model: torch.nn.Module, max_bytes: int | None, seeds: int 
             e = torch.tensor(errors)
             rows.append(dict(split=kind, target=target, max_patch_length=m, seeds=seeds,
                              mean_rel_error=float(e.mean()), mean_abs_rel_error=float(e.abs().mean()),
-                             max_abs_rel_error=float(e.abs().max()), within_1pct=float((e.abs() <= 0.01).float().mean())))
+                             max_abs_rel_error=float(e.abs().max()),
+                             within_1pct=float((e.abs() <= 0.01).float().mean())))
             r = rows[-1]
             print(f"  {kind:<22} target {target:4.1f} m={m}: held-out error mean {100 * r['mean_rel_error']:+.2f}%, "
                   f"mean |err| {100 * r['mean_abs_rel_error']:.2f}%, max |err| {100 * r['max_abs_rel_error']:.2f}%, "

@@ -93,28 +93,30 @@ def test_colour_output_marks_patches_with_alternating_styles(text_file, capsys):
 
 
 @pytest.mark.parametrize(
-    "make_args, message",
+    "args, message",
     [
-        (lambda d, ck, txt: ["--ckpt", str(d / "missing.ckpt"), "--input", str(txt)], "checkpoint not found: '{d}/missing.ckpt'"),
-        (lambda d, ck, txt: ["--ckpt", str(d / "corrupt.ckpt"), "--input", str(txt)],
-         "could not load a ByteLM from checkpoint '{d}/corrupt.ckpt'"),
-        (lambda d, ck, txt: ["--ckpt", str(d), "--input", str(txt)], "checkpoint '{d}' is a directory"),
-        (lambda d, ck, txt: ["--ckpt", str(ck), "--input", str(d / "nope.txt")], "input file not found: '{d}/nope.txt'"),
-        (lambda d, ck, txt: ["--ckpt", str(ck), "--input", str(d / "empty.txt")], "input file '{d}/empty.txt' is empty"),
-        (lambda d, ck, txt: ["--input", str(txt)], "--ckpt is required in entropy mode"),
-        (lambda d, ck, txt: ["--ckpt", str(ck), "--input", str(txt), "--target-patch-size", "9", "--max-patch-length",
-                             "4"], "--target-patch-size: target_mean_patch_size=9.0 is unreachable"),
-        (lambda d, ck, txt: ["--input", str(txt), "--mode", "static", "--patch-size", "0"],
+        ("--ckpt {d}/missing.ckpt --input {txt}", "checkpoint not found: '{d}/missing.ckpt'"),
+        ("--ckpt {d}/corrupt.ckpt --input {txt}", "could not load a ByteLM from checkpoint '{d}/corrupt.ckpt'"),
+        ("--ckpt {d} --input {txt}", "checkpoint '{d}' is a directory"),
+        ("--ckpt {ck} --input {d}/nope.txt", "input file not found: '{d}/nope.txt'"),
+        ("--ckpt {ck} --input {d}/empty.txt", "input file '{d}/empty.txt' is empty"),
+        ("--input {txt}", "--ckpt is required in entropy mode"),
+        ("--ckpt {ck} --input {txt} --target-patch-size 9 --max-patch-length 4",
+         "--target-patch-size: target_mean_patch_size=9.0 is unreachable"),
+        ("--input {txt} --mode static --patch-size 0",
          "invalid patching option: PatcherConfig.patch_size=0 must be >= 1"),
     ],
+    ids=["missing-ckpt", "corrupt-ckpt", "ckpt-is-dir", "missing-input", "empty-input", "no-ckpt", "unreachable",
+         "bad-patch-size"],
 )
-def test_bad_paths_and_values_give_clear_errors(tiny_ckpt, text_file, tmp_path, capsys, make_args, message):
+def test_bad_paths_and_values_give_clear_errors(tiny_ckpt, text_file, tmp_path, capsys, args, message):
     (tmp_path / "corrupt.ckpt").write_bytes(b"this is not a checkpoint")
     (tmp_path / "empty.txt").write_bytes(b"")
-    assert main(make_args(tmp_path, tiny_ckpt, text_file)) == 1
+    names = dict(d=tmp_path, ck=tiny_ckpt, txt=text_file)
+    assert main(args.format(**names).split()) == 1
     err = capsys.readouterr().err
     assert err.startswith("neat patch: error: ")
-    assert message.format(d=tmp_path) in err
+    assert message.format(**names) in err
 
 
 def test_threshold_and_target_are_exclusive(text_file, capsys):

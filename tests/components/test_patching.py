@@ -33,8 +33,6 @@ from neat_lightning.components.patching import (
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
 from neat_lightning.data.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
 
-T_, F_ = True, False
-
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """Light stand-in for torch.testing.assert_close (whose first call costs seconds of imports)."""
