@@ -361,6 +361,28 @@ class ByteTextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def validation_pairs(
+        self, n: int | None = 32, prompt_bytes: int = 48, reference_bytes: int = 32
+    ) -> list[tuple[str, str]]:
+        """``n`` (prompt, reference) pairs from held-out text: a line's first ``prompt_bytes`` and the true
+        continuation up to ``reference_bytes`` (cut at the line end). Fixed prompts for the BLEU monitor."""
+        self.setup()
+        lines = [
+            ln for d in self.val_docs for ln in d.data.decode("utf-8", errors="replace").splitlines()
+            if len(ln.strip()) >= prompt_bytes // 2 + 8
+        ]
+        if not lines:
+            raise ValueError(f"the validation split has no line long enough for prompts of {prompt_bytes} bytes")
+        n = len(lines) if n is None else n
+        step = max(1, len(lines) // max(1, n))
+        pairs = []
+        for ln in lines[::step][:n]:
+            data = ln.encode("utf-8")
+            cut = min(prompt_bytes, len(data) // 2)
+            pairs.append((data[:cut].decode("utf-8", errors="replace"),
+                          data[cut : cut + reference_bytes].decode("utf-8", errors="replace")))
+        return pairs
+
     def val_bytes(self) -> bytes:
         """The validation documents' raw bytes, for compression baselines on the very same text."""
         return raw_bytes(self.val_docs)

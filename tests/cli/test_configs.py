@@ -20,12 +20,13 @@ OVERRIDES = {
 }
 
 
-def fast_dev_run(configs: list[Path], tmp_path: Path, extra: list[str] = ()) -> NeatCLI:
+def fast_dev_run(configs: list[Path | list[str]], tmp_path: Path, extra: list[str] = ()) -> NeatCLI:
+    """Run `neat fit` in-process over configs (a list item may be raw arguments, applied in order)."""
     configure_process()
     import_all_callbacks()
     args = ["fit"]
     for c in configs:
-        args += ["--config", str(c)]
+        args += c if isinstance(c, list) else ["--config", str(c)]
     args += ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
              "--trainer.strategy", "auto", "--runs_dir", str(tmp_path / "runs"), *extra]
     return NeatCLI(args=args)
@@ -43,3 +44,54 @@ def test_configs_are_plain_yaml_with_class_paths():
         cfg = yaml.safe_load(config.read_text())
         assert "class_path" in cfg["model"], config.name
         assert "class_path" in cfg["data"], config.name
+
+
+# every callback fragment, the config it is meant for, and a module it must refuse with the protocol TypeError
+COMPATIBLE = {
+    "bleu_monitor.yaml": "byte_lm_quickstart.yaml",  # prompts: ByteTextDataModule.validation_pairs
+    "component_schedule.yaml": "neat_quickstart.yaml",
+    "lora_final_stage.yaml": "byte_lm_quickstart.yaml",
+    "plasticity_stages.yaml": "lattice_quickstart.yaml",
+    "sleep_wake.yaml": "neat_quickstart.yaml",
+}
+# the lattice configs already carry their own PlasticityStages; a second one would share its state key
+CLEAR_BASE_CALLBACKS = {"plasticity_stages.yaml"}
+INCOMPATIBLE = {
+    "bleu_monitor.yaml": ("vqvae_quickstart.yaml", "TextGenerator"),
+    "component_schedule.yaml": ("byte_lm_quickstart.yaml", "ComponentSwitchable"),
+    "plasticity_stages.yaml": ("byte_lm_quickstart.yaml", "Plastic"),
+    "sleep_wake.yaml": ("byte_lm_quickstart.yaml", "MemoryConsolidator"),
+}
+
+
+def class_paths(yaml_path: Path) -> list[str]:
+    trainer = (yaml.safe_load(yaml_path.read_text()) or {}).get("trainer") or {}
+    entries = (trainer.get("callbacks") or []) + (trainer.get("callbacks+") or [])
+    return [e["class_path"].rsplit(".", 1)[-1] for e in entries if isinstance(e, dict)]
+
+
+def test_every_fragment_has_a_compatible_config():
+    assert sorted(f.name for f in FRAGMENTS) == sorted(COMPATIBLE), "register new fragments in COMPATIBLE"
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.name for f in FRAGMENTS])
+def test_fragment_composes_and_appends(fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = REPO / "configs" / COMPATIBLE[fragment.name]
+    text = fragment.read_text()
+    assert "callbacks+:" in text, f"{fragment.name} must append (trainer: callbacks+:), not replace"
+    clear = fragment.name in CLEAR_BASE_CALLBACKS
+    layers = [base, ["--trainer.callbacks", "[]"], fragment] if clear else [base, fragment]
+    cli = fast_dev_run(layers, tmp_path, OVERRIDES.get(base.name, []))
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    for wanted in ([] if clear else class_paths(base)) + class_paths(fragment):
+        assert wanted in names, f"{wanted} missing from {names}"
+    assert cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize("fragment", sorted(INCOMPATIBLE), ids=sorted(INCOMPATIBLE))
+def test_fragment_on_an_incompatible_module_fails_at_setup(fragment, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, protocol = INCOMPATIBLE[fragment]
+    with pytest.raises(TypeError, match=rf"needs a module implementing the {protocol} protocol"):
+        fast_dev_run([REPO / "configs" / config, REPO / "callbacks" / fragment], tmp_path)

@@ -171,3 +171,12 @@ def test_validation_covers_every_byte_once_across_ranks():
             targets = batch[:, 1:]
             seen.extend(int(t) for t in targets.reshape(-1) if t != PAD_ID)
     assert sorted(seen) == list(range(5, 4 + 101))  # every id after the first, exactly once
+
+
+def test_validation_pairs_are_held_out_prefixes_and_continuations():
+    dm = ByteTextDataModule(block_size=16)
+    pairs = dm.validation_pairs(8)
+    assert len(pairs) == 8
+    val_text = dm.val_bytes().decode("utf-8", errors="replace")
+    for prompt, reference in pairs:
+        assert prompt and reference and (prompt + reference) in val_text
