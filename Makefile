@@ -11,10 +11,11 @@ CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 .PHONY: venv quickstart test test-fast bench clean
 
-venv: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+STAMP := $(VENV)/.installed
 
-comma := ,
-$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml $(CONSTRAINTS)
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(CONSTRAINT_FLAG) -e ".[$(EXTRAS)]"
