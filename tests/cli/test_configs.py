@@ -17,6 +17,7 @@ OVERRIDES = {
     "blt_entropy_model.yaml": ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "64",
                                "--model.init_args.block_size", "64"],
     "vqvae.yaml": ["--data.init_args.batch_size", "2"],
+    "neat.yaml": ["--data.init_args.batch_size", "1"],
 }
 
 
