@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.loading import PlacedLoader, batch_generator
+from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, batch_generator
 from neat_lightning.data.codec import (  # noqa: F401  (re-exported: this module is the codec's public home)
     BOE_ID,
     BOS_ID,
@@ -152,7 +152,7 @@ def raw_bytes(docs: Sequence[Document]) -> bytes:
 # datasets
 
 
-class RandomWindowBatches(IterableDataset):
+class RandomWindowBatches(StepAlignedBatches):
     """Yields ``(batch_size, block_size + 1)`` int64 batches of random windows from ``stream``.
 
     Batch ``k`` on ``rank`` is a pure function of ``(seed, k, rank)``. One epoch is ``batches_per_epoch`` batches
@@ -162,59 +162,34 @@ class RandomWindowBatches(IterableDataset):
     """
 
     def __init__(self, stream: torch.Tensor, block_size: int, batch_size: int, batches_per_epoch: int, seed: int):
-        super().__init__()
+        super().__init__(batches_per_epoch)
         self.stream = stream
         self.block_size = block_size
         self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
         self.seed = seed
-        self.start_batch = 0
-        self.rank, self.world_size = 0, 1
         self._span = torch.arange(block_size + 1)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
     def batch(self, k: int) -> torch.Tensor:
         n_starts = len(self.stream) - self.block_size
         starts = torch.randint(n_starts, (self.batch_size,), generator=batch_generator(self.seed, k, self.rank))
         return self.stream[starts[:, None] + self._span].long()  # (B, T + 1)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        end = (self.start_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        for k in range(self.start_batch + worker, end, n_workers):
-            yield self.batch(k)
 
 
-class SequentialWindowBatches(IterableDataset):
+class SequentialWindowBatches(ShardedSequentialBatches):
     """Covers ``stream`` once with windows of ``block_size + 1`` overlapping by one id, so every id after the first
     is predicted exactly once. The last window is padded with PAD (ignored by the loss). Windows are dealt to ranks
     round-robin, without the duplicates a DistributedSampler would add."""
 
     def __init__(self, stream: torch.Tensor, block_size: int, batch_size: int):
-        super().__init__()
-        self.block_size = block_size
-        self.batch_size = batch_size
         n_windows = max(1, math.ceil((len(stream) - 1) / block_size))
         padded = torch.full((n_windows * block_size + 1,), PAD_ID, dtype=torch.int16)
         padded[: len(stream)] = stream
-        self.windows = padded.unfold(0, block_size + 1, block_size)  # (n_windows, T + 1)
-        self.rank, self.world_size = 0, 1
+        super().__init__(padded.unfold(0, block_size + 1, block_size), batch_size)  # (n_windows, T + 1)
+        self.block_size = block_size
 
-    def _mine(self) -> torch.Tensor:
-        return self.windows[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self._mine()) / self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self._mine()
-        for b in range(worker, len(self), n_workers):
-            yield mine[b * self.batch_size : (b + 1) * self.batch_size].long()
+    def convert(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.long()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.loading import PlacedLoader
+from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
 
 Family = Literal["maze", "frozenlake", "minibehavior"]
 FAMILIES: tuple[str, ...] = ("maze", "frozenlake", "minibehavior")
@@ -444,7 +444,7 @@ def folder_images(folder: str, image_size: int, field: str = "image_folder") -> 
 # datasets
 
 
-class RandomImageBatches(IterableDataset):
+class RandomImageBatches(StepAlignedBatches):
     """Yields ``(batch_size, 3, S, S)`` float batches; batch ``k`` on ``rank`` is a pure function of
     ``(seed, k, rank)``. Generated images by default; with ``pool`` (N, 3, S, S) uint8, random images of the pool.
 
@@ -462,15 +462,10 @@ class RandomImageBatches(IterableDataset):
         grid_size: int,
         pool: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        super().__init__(batches_per_epoch)
+        self.batch_size, self.seed = batch_size, seed
         self.families, self.image_size, self.grid_size = tuple(families), image_size, grid_size
         self.pool = pool
-        self.start_batch = 0
-        self.rank, self.world_size = 0, 1
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
     def batch(self, k: int) -> torch.Tensor:
         if self.pool is not None:
@@ -482,35 +477,20 @@ class RandomImageBatches(IterableDataset):
         )
         return images
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        end = (self.start_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        for k in range(self.start_batch + worker, end, n_workers):
-            yield self.batch(k)
 
 
-class FixedImageBatches(IterableDataset):
+class FixedImageBatches(ShardedSequentialBatches):
     """A fixed (N, 3, S, S) image set in order, dealt to ranks round-robin, as float batches in [0, 1]."""
 
     def __init__(self, images: torch.Tensor, batch_size: int) -> None:
-        super().__init__()
-        self.images, self.batch_size = images, batch_size
-        self.rank, self.world_size = 0, 1
+        super().__init__(images, batch_size)
 
-    def _mine(self) -> torch.Tensor:
-        return self.images[self.rank :: self.world_size]
+    @property
+    def images(self) -> torch.Tensor:
+        return self.items
 
-    def __len__(self) -> int:
-        return math.ceil(len(self._mine()) / self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self._mine()
-        for b in range(worker, len(self), n_workers):
-            x = mine[b * self.batch_size : (b + 1) * self.batch_size]
-            yield x.float() / 255.0 if x.dtype == torch.uint8 else x
+    def convert(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from neat_lightning.data.loading import StepAlignedBatches
+
 from neat_lightning.data.codec import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
 MATH_TASKS = ("arithmetic", "algebra", "sequence", "word_problem")
@@ -411,7 +413,7 @@ def build_row(spec: RowSpec, length: int, rng: random.Random, n_facts: int | Non
 # datasets
 
 
-class ProblemBatches(IterableDataset):
+class ProblemBatches(StepAlignedBatches):
     """Batches of problem rows. Batch ``k`` on ``rank`` is a pure function of ``(seed, split, k, rank)``.
 
     Each row draws its task uniformly from ``tasks``, its difficulty from ``difficulties`` and, for memory tasks,
@@ -431,16 +433,15 @@ class ProblemBatches(IterableDataset):
         seed: int,
         split: str,
     ) -> None:
-        super().__init__()
+        super().__init__(n_batches)
         self.tasks, self.difficulties, self.gap_range, self.n_facts = list(tasks), list(difficulties), gap_range, n_facts
-        self.block_size, self.batch_size, self.n_batches = block_size, batch_size, n_batches
+        self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.split = seed, split
-        self.start_batch = 0
-        self.rank, self.world_size = 0, 1
         self.task_index = {t: TASK_TYPES.index(t) for t in TASK_TYPES}
 
-    def __len__(self) -> int:
-        return self.n_batches
+    @property
+    def n_batches(self) -> int:
+        return self.batches_per_epoch
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         rows_ids, rows_ans, rows_task = [], [], []
@@ -453,12 +454,6 @@ class ProblemBatches(IterableDataset):
             rows_task.append(self.task_index[spec.task])
         return {"ids": torch.stack(rows_ids), "answer_ids": torch.stack(rows_ans), "task": torch.tensor(rows_task)}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        end = (self.start_batch // self.n_batches + 1) * self.n_batches
-        for k in range(self.start_batch + worker, end, n_workers):
-            yield self.batch(k)
 
 
 class _PlacedLoader(DataLoader):

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from neat_lightning.data.bytes import resolve_paths
-from neat_lightning.data.loading import PlacedLoader, batch_generator
+from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, batch_generator
 from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, encode
 
 log = logging.getLogger(__name__)
@@ -149,29 +149,18 @@ def encode_pairs(
 # datasets
 
 
-class RandomPairBatches(IterableDataset):
+class RandomPairBatches(StepAlignedBatches):
     """``batch_size`` random pairs per batch; batch ``k`` on ``rank`` is a pure function of ``(seed, k, rank)``."""
 
     def __init__(self, questions: torch.Tensor, answers: torch.Tensor, batch_size: int, batches_per_epoch: int, seed: int):
-        super().__init__()
+        super().__init__(batches_per_epoch)
         self.questions, self.answers = questions, answers
-        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
-        self.start_batch = 0
-        self.rank, self.world_size = 0, 1
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
+        self.batch_size, self.seed = batch_size, seed
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(self.questions), (self.batch_size,), generator=batch_generator(self.seed, k, self.rank))
         return {"question": self.questions[idx], "answer": self.answers[idx]}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        end = (self.start_batch // self.batches_per_epoch + 1) * self.batches_per_epoch
-        for k in range(self.start_batch + worker, end, n_workers):
-            yield self.batch(k)
 
 
 class SequentialPairBatches(IterableDataset):

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.modules.base import NeatModule
+from neat_lightning.modules.generation import TextGenerationMixin, sample_next  # noqa: F401 (re-export)
 from neat_lightning.modules.optim import default_adamw
 
 
-class ByteLM(NeatModule):
+class ByteLM(TextGenerationMixin, NeatModule):
     """Next-byte language model over BLT's 260-id byte vocabulary.
 
     Batches are ``(B, T + 1)`` int64 id windows (inputs ``[:, :-1]``, targets ``[:, 1:]``); PAD targets are ignored.
@@ -158,32 +159,3 @@ class ByteLM(NeatModule):
                 pos += 1
         self.train(was_training)
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
-
-    def generate_text(
-        self,
-        prompts: list[str],
-        max_new_bytes: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
-        """Continue each prompt; returns only the continuations. Greedy (deterministic) by default."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        return [
-            decode(self.generate(encode(p), max_new_bytes, temperature, top_k, generator).cpu()) for p in prompts
-        ]
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits: (V,) -> a sampled id, () int64. ``temperature <= 0`` picks the argmax."""
-    if temperature <= 0:
-        return logits.argmax()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[0]

@@ -39,10 +39,10 @@ from neat_lightning.components.titans import (
     detach_state,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig, rope_angles
-from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.data.math import TASK_TYPES
 from neat_lightning.modules.base import NeatModule
-from neat_lightning.modules.byte_lm import sample_next
+from neat_lightning.modules.generation import TextGenerationMixin, sample_next
 from neat_lightning.modules.optim import default_adamw
 
 COMPONENTS_KEY = "neat_components"
@@ -107,7 +107,7 @@ class NeatBackbone(ByteTransformer):
         return BackboneOutput(self.norm(x), new_states, stats)
 
 
-class NeatModel(NeatModule):
+class NeatModel(TextGenerationMixin, NeatModule):
     """Byte transformer with switchable Titans memory and Transformer² SVF experts.
 
     Batches are the :class:`~neat_lightning.data.math.MathDataModule` dicts (``ids`` (B, T + 1), ``answer_ids``,
@@ -519,18 +519,6 @@ class NeatModel(NeatModule):
                 break
         self.train(was_training)
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
-
-    def generate_text(
-        self,
-        prompts: list[str],
-        max_new_bytes: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
-        """Continue each prompt; returns only the continuations. Greedy (deterministic) by default."""
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        return [decode(self.generate(encode(p), max_new_bytes, temperature, top_k, generator).cpu()) for p in prompts]
 
 
 def exact_match_counts(
