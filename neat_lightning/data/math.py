@@ -22,6 +22,8 @@ and ``task`` (B,) int64 (index into :data:`TASK_TYPES`; one task type per row).
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import random
 import re
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from neat_lightning.data.loading import StepAlignedBatches
+from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches
 
 from neat_lightning.data.codec import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
@@ -456,18 +458,6 @@ class ProblemBatches(StepAlignedBatches):
 
 
 
-class _PlacedLoader(DataLoader):
-    """A DataLoader that sets its dataset's rank and start batch each time an iterator is made."""
-
-    def __init__(self, dataset: ProblemBatches, datamodule: "MathDataModule", train: bool, **kwargs) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._dm, self._train = datamodule, train
-
-    def __iter__(self):
-        self._dm._place(self.dataset, self._train)
-        return super().__iter__()
-
-
 class MathDataModule(L.LightningDataModule):
     """Byte sequences of synthetic math problems and memory tasks (see the module docstring for the batch dict).
 
@@ -557,8 +547,8 @@ class MathDataModule(L.LightningDataModule):
 
     def _loader(self, ds: ProblemBatches, train: bool) -> DataLoader:
         self._place(ds, train)
-        return _PlacedLoader(
-            ds, self, train, num_workers=self.num_workers, persistent_workers=False,
+        return PlacedLoader(
+            ds, functools.partial(self._place, train=train), num_workers=self.num_workers, persistent_workers=False,
             # own generator: worker seeds must not come from (and shift) the global RNG between resumed runs
             generator=torch.Generator().manual_seed(self.seed),
         )
