@@ -37,11 +37,14 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neat_lightning.components.plasticity import N_NEIGHBOURS, neighbour_offsets
-from neat_lightning.components.transformer import Block, KVCache, TransformerConfig, rope_angles
+from neat_lightning.components.transformer import Block, KVCache, TransformerConfig, apply_rope, rope_angles
 
 Perception = Literal["sobel", "depthwise"]
+RuleInit = Literal["default", "transport"]
+Stencil = Literal["sparse", "shift"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class LatticeConfig:
     fire_rate: float = 0.5  # probability a cell updates in a training step (stochastic asynchrony)
     perception: Perception = "sobel"
     alive_threshold: float | None = None  # None: every cell is alive; else the NCA alive mask on channel 0
+    # "sparse": every stencil is one CSR product (fastest up to ~64^3); "shift": shifted views of the dense state,
+    # no index buffers (the CSR patterns take ~5 GiB and 90 s to build at 128x128x96; see docs/lattice_scale.md)
+    stencil: Stencil = "sparse"
+    # also perceive the two depth neighbours (d - 1, d + 1) of each cell as separate, unblurred taps
+    depth_taps: bool = False
+    # "default": PyTorch's init of the update MLP; "transport": the MLP starts as the exact copy rule
+    # Δs = s[d - 1] - s (needs depth_taps and hidden >= 2·channels), so the input face reaches the output face
+    rule_init: RuleInit = "default"
 
     def __post_init__(self) -> None:
         for name in ("depth", "height", "width", "channels", "hidden", "steps"):
@@ -66,6 +77,14 @@ class LatticeConfig:
             raise ValueError(f"fire_rate={self.fire_rate} must be in (0, 1]")
         if self.perception not in ("sobel", "depthwise"):
             raise ValueError(f"perception={self.perception!r} must be 'sobel' or 'depthwise'")
+        if self.stencil not in ("sparse", "shift"):
+            raise ValueError(f"stencil={self.stencil!r} must be 'sparse' or 'shift'")
+        if self.rule_init not in ("default", "transport"):
+            raise ValueError(f"rule_init={self.rule_init!r} must be 'default' or 'transport'")
+        if self.rule_init == "transport" and not self.depth_taps:
+            raise ValueError("rule_init='transport' needs depth_taps=True (it copies the d - 1 neighbour)")
+        if self.rule_init == "transport" and self.hidden < 2 * self.channels:
+            raise ValueError(f"rule_init='transport' needs hidden={self.hidden} >= 2 * channels = {2 * self.channels}")
 
     @property
     def size(self) -> tuple[int, int, int]:
@@ -162,6 +181,50 @@ def _csr(crow, col, values, shape) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def _shifted(x: torch.Tensor, dim: int, offset: int) -> torch.Tensor:
+    """``out[i] = x[i + offset]`` along ``dim`` (offset in {-1, 1}), zero where ``i + offset`` leaves the lattice."""
+    n = x.shape[dim]
+    inner = x.narrow(dim, max(offset, 0), n - 1)
+    pad = [0, 0] * (x.dim() - 1 - dim) + ([1, 0] if offset < 0 else [0, 1])
+    return F.pad(inner, pad)
+
+
+class ShiftOperator:
+    """The connection message ``m[x] = 1/26 Σ_k w[x, k]·s[x + o_k]`` as 26 shifted views of the dense state: the
+    same operator as :meth:`LatticeRule.connection_operator`'s CSR matrix, without its index buffers."""
+
+    def __init__(self, connections: torch.Tensor) -> None:
+        self.size = tuple(connections.shape[:3])
+        padded = F.pad(rearrange(connections, "d h w k -> k d h w"), (1, 1, 1, 1, 1, 1))  # zero outside
+        self.weights = padded[..., None] / N_NEIGHBOURS  # (26, D+2, H+2, W+2, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, F) -> (N, F)."""
+        D, H, W = self.size
+        xp = F.pad(rearrange(x, "(d h w) f -> d h w f", d=D, h=H, w=W), (0, 0, 1, 1, 1, 1, 1, 1))
+        out = torch.zeros_like(xp[1:-1, 1:-1, 1:-1])
+        for k, (dd, dh, dw) in enumerate(neighbour_offsets().tolist()):  # over the 26 directions, not cells
+            w = self.weights[k, 1 : D + 1, 1 : H + 1, 1 : W + 1]
+            out = out + w * xp[1 + dd : D + 1 + dd, 1 + dh : H + 1 + dh, 1 + dw : W + 1 + dw]
+        return rearrange(out, "d h w f -> (d h w) f")
+
+
+def separable_kernels(x: torch.Tensor) -> torch.Tensor:
+    """The fixed Sobel d/h/w and 27-point Laplacian stencils of :func:`sobel_laplacian_kernels` by separable
+    shifted adds (correlation, zero outside the lattice). x: (D, H, W, F) -> (4, D, H, W, F)."""
+    prev = lambda t, d: _shifted(t, d, -1)  # noqa: E731
+    nxt = lambda t, d: _shifted(t, d, 1)  # noqa: E731
+    smooth = lambda t, d: prev(t, d) + 2 * t + nxt(t, d)  # noqa: E731
+    deriv = lambda t, d: nxt(t, d) - prev(t, d)  # noqa: E731
+    box = lambda t, d: prev(t, d) + t + nxt(t, d)  # noqa: E731
+    s_w, d_w = smooth(x, 2), deriv(x, 2)
+    sobel_d = deriv(smooth(s_w, 1), 0) / 32
+    sobel_h = smooth(deriv(s_w, 1), 0) / 32
+    sobel_w = smooth(smooth(d_w, 1), 0) / 32
+    lap = (box(box(box(x, 2), 1), 0) - 27 * x) / 26
+    return torch.stack([sobel_d, sobel_h, sobel_w, lap])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the rule
 
@@ -183,14 +246,39 @@ class LatticeRule(nn.Module):
             nn.Conv3d(C, config.n_kernels * C, 3, padding=1, groups=C, bias=False)
             if config.perception == "depthwise" else None
         )
-        n_in = (2 + config.n_kernels) * C  # state, message, kernels
+        n_in = (2 + config.n_kernels + 2 * config.depth_taps) * C  # state, message, kernels, depth neighbours
         self.update = nn.Sequential(nn.Linear(n_in, config.hidden), nn.GELU(), nn.Linear(config.hidden, C))
+        if config.rule_init == "transport":
+            self.transport_init()
         self.build_stencils(config.size)
+
+    @torch.no_grad()
+    def transport_init(self) -> None:
+        """Start the update MLP as the exact copy rule ``Δs = s[d − 1] − s`` per channel, so a firing cell takes its
+        predecessor's state and the input face travels one plane per step, unblurred, to the output face.
+
+        With the default init the update is dominated by the MLP's biases: every plane converges to the same state
+        and the question's trace shrinks ~5× per plane (1e-8 of its size at depth 15, gradient 1e-15). Here hidden
+        units ``2c`` and ``2c + 1`` see ``±x`` with ``x = s_c[d − 1] − s_c`` and the output is
+        ``GELU(x) − GELU(−x) = x`` exactly; the other hidden units keep their random input weights and start with zero
+        output weights (gradient still reaches them through those)."""
+        C, first, last = self.config.channels, self.update[0], self.update[2]
+        prev = (2 + self.config.n_kernels) * C  # offset of the s[d - 1] taps in the perception
+        first.weight[: 2 * C].zero_()
+        first.bias[: 2 * C].zero_()
+        last.weight.zero_()
+        last.bias.zero_()
+        for sign, rows in ((1.0, slice(0, 2 * C, 2)), (-1.0, slice(1, 2 * C, 2))):  # over the two signs, not cells
+            first.weight[rows, prev : prev + C] = sign * torch.eye(C)
+            first.weight[rows, :C] = -sign * torch.eye(C)
+            last.weight[:, rows] = sign * torch.eye(C)
 
     def build_stencils(self, size: tuple[int, int, int]) -> None:
         """(Re)build the size-dependent sparse patterns (non-persistent buffers; derived from the size alone)."""
         self.config = dataclasses.replace(self.config, depth=size[0], height=size[1], width=size[2])
         N = size[0] * size[1] * size[2]
+        if self.config.stencil == "shift":
+            return
         rows, cols, flat = stencil_indices(size, neighbour_offsets())
         t_crow, t_perm = transpose_permutation(rows, cols, N)
         self.register_buffer("msg_crow", crow_from_rows(rows, N), persistent=False)
@@ -199,7 +287,7 @@ class LatticeRule(nn.Module):
         self.register_buffer("msg_t_crow", t_crow, persistent=False)
         self.register_buffer("msg_t_cols", rows[t_perm], persistent=False)
         self.register_buffer("msg_t_perm", t_perm, persistent=False)
-        if self.depthwise is None:
+        if self.depthwise is None and self.config.stencil == "sparse":
             cube = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)))  # 27 taps incl. the centre
             r, c, f = stencil_indices(size, cube)
             taps = rearrange(sobel_laplacian_kernels(), "j a b c -> j (a b c)")[:, f % 27]  # (4, nnz)
@@ -215,11 +303,13 @@ class LatticeRule(nn.Module):
             self.register_buffer("k_t_cols", rows4[t4_perm], persistent=False)
             self.register_buffer("k_t_vals", vals4[t4_perm], persistent=False)
 
-    def connection_operator(self, connections: torch.Tensor) -> SparseOperator:
+    def connection_operator(self, connections: torch.Tensor) -> SparseOperator | ShiftOperator:
         """connections (D, H, W, 26) effective weights -> the message operator ``m = A s`` with
         ``A[x, x + o_k] = w[x, k] / 26``."""
         if tuple(connections.shape[:3]) != self.config.size:
             raise ValueError(f"connections shape {tuple(connections.shape)} does not match lattice size {self.config.size}")
+        if self.config.stencil == "shift":
+            return ShiftOperator(connections)
         N = self.msg_crow.numel() - 1
         values = connections.reshape(-1)[self.msg_flat].to(self.msg_crow.device) / N_NEIGHBOURS
         a = _csr(self.msg_crow, self.msg_cols, values, (N, N))
@@ -233,6 +323,10 @@ class LatticeRule(nn.Module):
             D, H, W = self.config.size
             x = rearrange(state, "(d h w) b c -> b c d h w", d=D, h=H, w=W)
             return rearrange(self.depthwise(x), "b cj d h w -> (d h w) b cj")
+        if self.config.stencil == "shift":
+            D, H, W = self.config.size
+            out = separable_kernels(rearrange(state, "(d h w) b c -> d h w (b c)", d=D, h=H, w=W))
+            return rearrange(out, "j d h w (b c) -> (d h w) b (j c)", b=B)
         J = self.config.n_kernels
         op = SparseOperator(
             _csr(self.k_crow, self.k_cols, self.k_vals.to(state.dtype), (J * N, N)),
@@ -241,13 +335,18 @@ class LatticeRule(nn.Module):
         out = op(rearrange(state, "n b c -> n (b c)"))  # (4N, B·C)
         return rearrange(out, "(j n) (b c) -> n b (j c)", j=J, b=B)
 
-    def perceive(self, state: torch.Tensor, message: SparseOperator) -> torch.Tensor:
-        """state (N, B, C) -> perception (N, B, (2 + 4)·C): state, connection message, stencils."""
+    def perceive(self, state: torch.Tensor, message: SparseOperator | ShiftOperator) -> torch.Tensor:
+        """state (N, B, C) -> perception (N, B, (2 + 4 [+ 2])·C): state, connection message, stencils [and the
+        d − 1, d + 1 neighbours with ``depth_taps``]."""
         N, B, C = state.shape
         m = rearrange(message(rearrange(state, "n b c -> n (b c)")), "n (b c) -> n b c", b=B)
-        return torch.cat([state, m, self.kernels(state)], dim=-1)
+        if not self.config.depth_taps:
+            return torch.cat([state, m, self.kernels(state)], dim=-1)
+        plane = self.config.height * self.config.width  # cells n ± H·W are the depth neighbours, zero outside
+        prev, nxt = F.pad(state[:-plane], (0, 0, 0, 0, plane, 0)), F.pad(state[plane:], (0, 0, 0, 0, 0, plane))
+        return torch.cat([state, m, self.kernels(state), prev, nxt], dim=-1)
 
-    def forward(self, state: torch.Tensor, message: SparseOperator) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, message: SparseOperator | ShiftOperator) -> torch.Tensor:
         """The update ``Δs``: (N, B, C) -> (N, B, C)."""
         return self.update(self.perceive(state, message))
 
@@ -269,7 +368,7 @@ def alive_mask(state: torch.Tensor, size: tuple[int, int, int], threshold: float
 def lattice_step(
     rule: LatticeRule,
     state: torch.Tensor,
-    connections: torch.Tensor | SparseOperator,
+    connections: torch.Tensor | SparseOperator | ShiftOperator,
     input_face: torch.Tensor | None = None,
     fire_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -287,7 +386,7 @@ def lattice_step(
         (N, B, C) the next state.
     """
     cfg = rule.config
-    op = connections if isinstance(connections, SparseOperator) else rule.connection_operator(connections)
+    op = connections if isinstance(connections, (SparseOperator, ShiftOperator)) else rule.connection_operator(connections)
     delta = rule(state, op)
     state = state + (delta * fire_mask if fire_mask is not None else cfg.fire_rate * delta)
     if cfg.alive_threshold is not None:
@@ -305,6 +404,7 @@ def run_lattice(
     stochastic: bool,
     record_activity: bool = True,
     generator: torch.Generator | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``steps`` lattice steps from a zero lattice whose input face is ``input_face``.
 
@@ -313,6 +413,10 @@ def run_lattice(
         connections: (D, H, W, 26) effective weights.
         stochastic: sample each cell's firing with probability ``fire_rate`` (training) or take the expected update.
         record_activity: also return the batch-mean activity of every step (no gradient), for plasticity.
+        checkpoint_every: 0 keeps every step's activations for the backward; ``k > 0`` keeps only the state every
+            ``k`` steps and recomputes each segment in the backward (activation checkpointing): memory
+            ``~ T/k`` states + ``k`` steps of activations instead of ``T`` steps. The firing masks are drawn outside
+            the recomputed segments, so the result and the random stream are identical either way.
 
     Returns:
         ``(state, activity)``: final (N, B, C) state and (T, D, H, W) activity (or None).
@@ -323,14 +427,31 @@ def run_lattice(
     op = rule.connection_operator(connections)  # built once, shared by all steps
     state = torch.cat([input_face, input_face.new_zeros(N - n_face, B, C)], dim=0)
     history = []
-    for _ in range(steps):  # over time steps; each step is vectorised over all cells
-        fire = None
-        if stochastic and cfg.fire_rate < 1.0:
-            fire = (torch.rand(N, B, 1, device=state.device, generator=generator) < cfg.fire_rate).to(state.dtype)
-        state = lattice_step(rule, state, op, input_face, fire)
+    segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else 1
+    for start in range(0, steps, segment):  # over time steps; each step is vectorised over all cells
+        fires = []
+        for _ in range(min(segment, steps - start)):
+            fire = None
+            if stochastic and cfg.fire_rate < 1.0:
+                fire = (torch.rand(N, B, 1, device=state.device, generator=generator) < cfg.fire_rate).to(state.dtype)
+            fires.append(fire)
+        if segment > 1 or checkpoint_every > 0 and torch.is_grad_enabled():
+            states = checkpoint(_run_segment, rule, state, op, input_face, fires, use_reentrant=False)
+        else:
+            states = [lattice_step(rule, state, op, input_face, fires[0])]
+        state = states[-1]
         if record_activity:
-            history.append(activity_from_state(state.detach()).mean(1).reshape(cfg.size))
+            history += [activity_from_state(s.detach()).mean(1).reshape(cfg.size) for s in states]
     return state, (torch.stack(history) if record_activity else None)
+
+
+def _run_segment(rule, state, op, input_face, fires) -> list[torch.Tensor]:
+    """Consecutive lattice steps (one activation-checkpointed segment) -> the state after each."""
+    states = []
+    for fire in fires:
+        state = lattice_step(rule, state, op, input_face, fire)
+        states.append(state)
+    return states
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,18 +470,23 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def keys_values(self, memory: torch.Tensor) -> torch.Tensor:
-        """memory (B, S, E) -> stacked keys and values (2, B, h, S, d), reusable across decoding steps."""
-        return rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+    def keys_values(self, memory: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """memory (B, S, E) -> stacked keys and values (2, B, h, S, d), reusable across decoding steps; ``rope``
+        (cos, sin) (S, d) rotates the keys by the memory slots' positions."""
+        k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        return torch.stack([apply_rope(k, *rope) if rope is not None else k, v])
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor | None, key_mask: torch.Tensor | None = None,
-        kv: torch.Tensor | None = None,
+        kv: torch.Tensor | None = None, rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, E), memory: (B, S, E) (or its precomputed ``kv``), key_mask: (B, S) bool True = attend
-        -> (B, T, E)."""
+        -> (B, T, E). ``rope_q`` (T, d) and ``rope_k`` (S, d) rotate queries and keys (relative-position scores)."""
         q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.heads)
-        k, v = kv if kv is not None else self.keys_values(memory)
+        if rope_q is not None:
+            q = apply_rope(q, *rope_q)
+        k, v = kv if kv is not None else self.keys_values(memory, rope_k)
         mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
@@ -407,16 +533,31 @@ class DecoderLayer(nn.Module):
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.cross = CrossAttention(config.dim, config.heads)
 
-    def forward(self, x, memory, cos, sin, positions, cache: KVCache | None = None, kv=None) -> torch.Tensor:
+    def forward(self, x, memory, cos, sin, positions, cache: KVCache | None = None, kv=None, cell_rope=None):
+        """``cell_rope``: (cos, sin) of the memory cells' positions (keys in a given ``kv`` are already rotated by
+        them); with it the cross-attention queries are rotated by their own positions too."""
         x = self.block(x, cos, sin, positions, cache)
-        return x + self.cross(self.norm(x), memory, kv=kv)
+        rope_q = (cos, sin) if cell_rope is not None else None
+        return x + self.cross(self.norm(x), memory, kv=kv, rope_q=rope_q, rope_k=cell_rope)
 
 
 class FaceDecoder(nn.Module):
-    """A small byte transformer that cross-attends to the output-face cells and predicts the next byte."""
+    """A small byte transformer that cross-attends to the output-face cells and predicts the next byte.
 
-    def __init__(self, channels: int, n_cells: int, dim: int, heads: int, n_layers: int, max_len: int) -> None:
+    With ``cell_stride`` the cross-attention is rotary: output-face cell ``n`` (row-major) sits at reading position
+    ``n // cell_stride`` and answer byte ``j`` at ``j``, so a score can depend on their offset — the answer
+    ``"12 plus 7 is 19."`` repeats the question ``"What is 12 plus 7?"`` 8 bytes earlier, a relation learnt once for
+    every position instead of per cell. It is positional information about the output face only; the face's
+    content still has to come through the lattice."""
+
+    def __init__(
+        self, channels: int, n_cells: int, dim: int, heads: int, n_layers: int, max_len: int,
+        cell_stride: int | None = None,
+    ) -> None:
         super().__init__()
+        if cell_stride is not None and cell_stride < 1:
+            raise ValueError(f"cell_stride={cell_stride} must be >= 1 or None")
+        self.cell_stride = cell_stride
         self.config = TransformerConfig(vocab_size=260, dim=dim, n_layers=n_layers, heads=heads, block_size=max_len)
         self.embed = nn.Embedding(260, dim)
         self.cell_in = nn.Linear(channels, dim)
@@ -442,9 +583,17 @@ class FaceDecoder(nn.Module):
         positions = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
         cos, sin = rope_angles(positions, self.config.dim_head, self.config.rope_base)
         x = self.embed(ids)
+        cell_rope = self.cell_rope()
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, cos, sin, positions, caches[i] if caches else None, kvs[i] if kvs else None)
+            x = layer(x, memory, cos, sin, positions, caches[i] if caches else None, kvs[i] if kvs else None, cell_rope)
         return self.head(self.norm(x))
+
+    def cell_rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary angles (cos, sin) (H·W, d) of the output-face cells' reading positions, or None (no cell_stride)."""
+        if self.cell_stride is None:
+            return None
+        cells = torch.arange(self.cell_pos.shape[0], device=self.cell_pos.device) // self.cell_stride
+        return rope_angles(cells, self.config.dim_head, self.config.rope_base)
 
     def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
         cfg, w = self.config, self.embed.weight
@@ -452,7 +601,7 @@ class FaceDecoder(nn.Module):
 
     def cross_keys_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's cross-attention keys/values of ``memory``, computed once per generation."""
-        return [layer.cross.keys_values(memory) for layer in self.layers]
+        return [layer.cross.keys_values(memory, self.cell_rope()) for layer in self.layers]
 
 
 class PointwiseAdapter(nn.Module):

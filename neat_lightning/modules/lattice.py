@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from neat_lightning.components.energy_flow import EnergyFlow, EnergyFlowConfig
 from neat_lightning.components.clustering import CosineKMeans, cluster_count, coordination_loss
 from neat_lightning.components.lattice import (
     FaceDecoder,
@@ -37,6 +38,8 @@ from neat_lightning.components.lattice import (
     LatticeRule,
     Perception,
     PointwiseAdapter,
+    RuleInit,
+    Stencil,
     activity_from_state,
     run_lattice,
     spectral_emergence,
@@ -57,6 +60,8 @@ from neat_lightning.modules.optim import default_adamw
 log = logging.getLogger(__name__)
 
 STRUCTURE_NAME = "lattice"
+# hyperparameters a checkpoint must agree on (checked on load; the error names the field)
+MODE_FIELDS = ("use_lattice", "mode", "carriers", "carrier_dim", "carrier_memory")
 
 
 class LatticeNetwork(NeatModule):
@@ -75,11 +80,27 @@ class LatticeNetwork(NeatModule):
         fire_rate: probability a cell updates in a training step.
         perception: ``"sobel"`` (fixed Sobel + Laplacian kernels) or ``"depthwise"`` (learned depthwise conv).
         alive_threshold: NCA alive-mask threshold on channel 0, None to keep every cell alive.
+        depth_taps: also perceive each cell's two depth neighbours (d - 1, d + 1) unblurred.
+        rule_init: ``"default"`` or ``"transport"`` (the rule starts as the exact copy ``Δs = s[d - 1] - s``, so
+            the question reaches the output face at initialisation; needs ``depth_taps`` and
+            ``hidden >= 2 * channels``).
         use_lattice: False gives the no-lattice baseline (encoder -> per-cell MLP of equal size -> decoder).
+        mode: ``"nca"`` (the shared cell rule) or ``"energy_flow"`` (carriers moving through the lattice, reading and
+            writing cells; :mod:`neat_lightning.components.energy_flow`; the plastic connections are unused).
+        stencil: ``"sparse"`` (CSR products) or ``"shift"`` (shifted dense views, no index buffers: for big lattices).
+        checkpoint_every: activation checkpointing across lattice steps: keep the state every this many steps and
+            recompute the rest in the backward (0 = off).
+        carriers: energy-flow carriers per sample.
+        carrier_dim: recurrent state per carrier.
+        carrier_max_step: largest learned carrier displacement per axis and step (normalised units).
+        energy_decay: carrier energy multiplier per step.
+        carrier_memory: past positions each carrier remembers.
         encoder_dim: width of the byte encoder.
         decoder_dim: width of the byte decoder.
         heads: attention heads of encoder and decoder.
         decoder_layers: decoder layers (self-attention + cross-attention to the output face).
+        decoder_cell_rope: rotary cross-attention: output-face cells at their reading position (cell index // the
+            encoder's cells per byte), so the decoder can learn "copy from k bytes ahead" once for all positions.
         max_question_bytes: question length Lq the encoder is built for (longer prompts keep their end).
         max_answer_bytes: answer length the decoder is trained on.
         stdp_a_plus: STDP potentiation amplitude A₊ (before the profile's multiplier).
@@ -116,11 +137,22 @@ class LatticeNetwork(NeatModule):
         fire_rate: float = 0.5,
         perception: Perception = "sobel",
         alive_threshold: float | None = None,
+        depth_taps: bool = False,
+        rule_init: RuleInit = "default",
         use_lattice: bool = True,
+        mode: Literal["nca", "energy_flow"] = "nca",
+        stencil: Stencil = "sparse",
+        checkpoint_every: int = 0,
+        carriers: int = 1024,
+        carrier_dim: int = 8,
+        carrier_max_step: float = 0.1,
+        energy_decay: float = 0.98,
+        carrier_memory: int = 5,
         encoder_dim: int = 64,
         decoder_dim: int = 128,
         heads: int = 4,
         decoder_layers: int = 2,
+        decoder_cell_rope: bool = False,
         max_question_bytes: int = 48,
         max_answer_bytes: int = 40,
         stdp_a_plus: float = 0.01,
@@ -153,7 +185,14 @@ class LatticeNetwork(NeatModule):
             raise ValueError(f"metrics_every={metrics_every} must be >= 1")
         if cluster_coordination < 0:
             raise ValueError(f"cluster_coordination={cluster_coordination} must be >= 0")
-        self.config = LatticeConfig(depth, height, width, channels, hidden, steps, fire_rate, perception, alive_threshold)
+        if mode not in ("nca", "energy_flow"):
+            raise ValueError(f"mode={mode!r} must be 'nca' or 'energy_flow'")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0 = no activation checkpointing)")
+        self.config = LatticeConfig(
+            depth, height, width, channels, hidden, steps, fire_rate, perception, alive_threshold,
+            depth_taps=depth_taps, rule_init=rule_init, stencil=stencil,
+        )
         # flat arguments rather than a dataclass: hparams stay plain values, so checkpoints load with weights_only
         self.plasticity_config = PlasticityConfig(
             stdp_a_plus, stdp_a_minus, stdp_trace_decay, bcm_rate, bcm_tau, competitive_rate, competitive_top_k,
@@ -162,10 +201,15 @@ class LatticeNetwork(NeatModule):
         self.profile = profile_by_name(profile)
         self.clustering_enabled = clustering
         self.encoder = FaceEncoder(channels, height, width, encoder_dim, heads, max_question_bytes)
-        self.decoder = FaceDecoder(channels, height * width, decoder_dim, heads, decoder_layers, max_answer_bytes + 2)
-        rule = LatticeRule(self.config)
-        if use_lattice:
-            self.rule = rule
+        self.decoder = FaceDecoder(
+            channels, height * width, decoder_dim, heads, decoder_layers, max_answer_bytes + 2,
+            cell_stride=self.encoder.cells_per_byte if decoder_cell_rope else None,
+        )
+        rule = LatticeRule(dataclasses.replace(self.config, stencil="shift"))  # shift: no stencil buffers to build
+        if use_lattice and mode == "energy_flow":
+            self.flow = EnergyFlow(self.flow_config())
+        elif use_lattice:
+            self.rule = LatticeRule(self.config)
         else:
             self.adapter = PointwiseAdapter(channels, sum(p.numel() for p in rule.parameters()))
         self.kmeans = CosineKMeans(n_clusters, channels, cluster_sample)
@@ -188,26 +232,38 @@ class LatticeNetwork(NeatModule):
         self.register_buffer("trace", torch.zeros(D, H, W, device=device))
         self.register_buffer("theta", torch.zeros(D, H, W, device=device))
 
+    def flow_config(self) -> EnergyFlowConfig:
+        hp, cfg = self.hparams, self.config
+        return EnergyFlowConfig(
+            *cfg.size, cfg.channels, hp.carriers, hp.carrier_dim, cfg.steps, hp.carrier_max_step, hp.energy_decay,
+            memory=hp.carrier_memory,
+        )
+
     def _record(self) -> None:
         self.record_structure(
             STRUCTURE_NAME,
             {
                 "size": list(self.config.size),
+                "steps": int(self.config.steps),
                 "profile": dataclasses.asdict(self.profile),
                 "clustering": bool(self.clustering_enabled),
             },
         )
 
-    def resize_lattice(self, size: tuple[int, int, int]) -> None:
-        """Rebuild the module for a lattice of ``size`` (D, H, W): buffers and face-sized parameters get new shapes
-        (zeroed; a checkpoint's weights fill them). Used when a checkpoint records a grown lattice."""
+    def resize_lattice(self, size: tuple[int, int, int], steps: int | None = None) -> None:
+        """Rebuild the module for a lattice of ``size`` (D, H, W) (and ``steps`` lattice steps, default unchanged):
+        buffers and face-sized parameters get new shapes (zeroed; a checkpoint's weights fill them). Used when a
+        checkpoint records a grown lattice; :meth:`grow` resizes and carries the learnt values over."""
         D, H, W = (int(s) for s in size)
+        steps = self.config.steps if steps is None else int(steps)
         if min(D, H, W) < 1:
             raise ValueError(f"lattice size={tuple(size)} must be positive")
-        if self.hparams.use_lattice and self.config.steps < D - 1:
-            raise ValueError(f"lattice size depth={D} needs steps >= {D - 1}, the module has steps={self.config.steps}")
-        self.config = dataclasses.replace(self.config, depth=D, height=H, width=W)
-        if self.hparams.use_lattice:
+        if self.hparams.use_lattice and steps < D - 1:
+            raise ValueError(f"lattice size depth={D} needs steps >= {D - 1}, the module has steps={steps}")
+        self.config = dataclasses.replace(self.config, depth=D, height=H, width=W, steps=steps)
+        if self.hparams.use_lattice and self.hparams.mode == "energy_flow":
+            self.flow.config = self.flow_config()
+        elif self.hparams.use_lattice:
             self.rule.build_stencils((D, H, W))
         if H * W < self.encoder.max_len * self.encoder.cells_per_byte:
             raise ValueError(f"lattice size {(D, H, W)}: a {H}x{W} face cannot hold the encoder's "
@@ -218,6 +274,56 @@ class LatticeNetwork(NeatModule):
         self.decoder.cell_pos = torch.nn.Parameter(torch.zeros(H * W, self.decoder.cell_pos.shape[1], device=dev))
         self._allocate((D, H, W))
         self._record()
+
+    @torch.no_grad()
+    def grow(self, size: tuple[int, int, int], steps: int | None = None) -> dict[str, torch.nn.Parameter]:
+        """Grow (or shrink) the lattice to ``size`` (D, H, W), carrying over what was learnt: the shared rule and the
+        encoder/decoder weights are unchanged; per-cell buffers (connections, traces, BCM thresholds) are resampled
+        trilinearly, the pruning mask and cluster ids by nearest neighbour, and the face-sized parameters
+        (``encoder.cell_bias``, ``decoder.cell_pos``) bilinearly **in place** (same ``Parameter`` objects, so an
+        optimizer keeps tracking them; :func:`neat_lightning.callbacks.progressive_scaling.resample_optimizer_state`
+        resamples their moments). ``steps`` defaults to the current steps plus the depth added.
+
+        Returns:
+            the resized parameters by name.
+        """
+        old_size = self.config.size
+        size = tuple(int(s) for s in size)
+        steps = self.config.steps + max(0, size[0] - old_size[0]) if steps is None else int(steps)
+        old = {name: getattr(self, name).clone() for name in ("connections", "connection_mask", "cluster_ids",
+                                                               "trace", "theta")}
+        faces = {"encoder.cell_bias": self.encoder.cell_bias, "decoder.cell_pos": self.decoder.cell_pos}
+        face_values = {name: p.detach().clone() for name, p in faces.items()}
+        # resize_lattice replaces the face parameters; keep the old objects and give them their new values below
+        self.resize_lattice(size, steps)
+        self.encoder.cell_bias, self.decoder.cell_pos = faces["encoder.cell_bias"], faces["decoder.cell_pos"]
+        for name, p in faces.items():
+            p.data = resample_face(face_values[name], old_size[1:], size[1:])
+            p.grad = None
+        self.connections.copy_(resample_cells(old["connections"], size, "trilinear"))
+        self.connection_mask.copy_(resample_cells(old["connection_mask"].float(), size, "nearest") > 0.5)
+        self.connections.mul_(self.connection_mask)
+        self.cluster_ids.copy_(resample_cells(old["cluster_ids"][..., None].float(), size, "nearest")[..., 0].long())
+        self.trace.copy_(resample_cells(old["trace"][..., None], size, "trilinear")[..., 0])
+        self.theta.copy_(resample_cells(old["theta"][..., None], size, "trilinear")[..., 0])
+        self._last_activity = self._last_cells = None
+        return faces
+
+    def release_memory(self) -> int:
+        """Drop the cached activity and cells of the last forward (the ``Releasable`` protocol). Returns bytes freed."""
+        freed = sum(t.numel() * t.element_size() for t in (self._last_activity, self._last_cells) if t is not None)
+        self._last_activity = self._last_cells = None
+        return freed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for field in MODE_FIELDS:
+            if field in saved and saved[field] != self.hparams.get(field):
+                raise ValueError(
+                    f"the checkpoint was written with {field}={saved[field]!r} but this LatticeNetwork has "
+                    f"{field}={self.hparams.get(field)!r}; build the module with the checkpoint's {field}"
+                )
+        super().on_load_checkpoint(checkpoint)
 
     # -- Plastic protocol and stage hooks --------------------------------------------------------------------------
 
@@ -258,9 +364,15 @@ class LatticeNetwork(NeatModule):
         if not self.hparams.use_lattice:
             return self.decoder.memory(self.adapter(face)), None, None
         gen = self._generator() if stochastic else None
+        if self.hparams.mode == "energy_flow":
+            if gen is None:  # evaluation: carriers start at the same positions every time
+                gen = torch.Generator(device=self.device).manual_seed(int(self.hparams.lattice_seed))
+            cells, _ = self.flow(face, generator=gen)  # (B, N, C)
+            out_face = cells[:, -face.shape[1] :]  # the last H·W cells: depth D - 1
+            return self.decoder.memory(out_face), None, None
         state, activity = run_lattice(
             self.rule, rearrange(face, "b n c -> n b c"), self.effective_connections(), self.config.steps,
-            stochastic, generator=gen,
+            stochastic, generator=gen, checkpoint_every=self.hparams.checkpoint_every,
         )  # (N, B, C), (T, D, H, W)
         out_face = rearrange(state[-face.shape[1] :], "n b c -> b n c")  # the last H·W cells: depth D - 1
         return self.decoder.memory(out_face), state, activity
@@ -399,12 +511,30 @@ class LatticeNetwork(NeatModule):
         return out
 
 
+def resample_cells(field: torch.Tensor, size: tuple[int, int, int], mode: str) -> torch.Tensor:
+    """A per-cell field (D, H, W, K) resampled to ``size`` -> (D', H', W', K) (``"trilinear"``, corners aligned,
+    or ``"nearest"``)."""
+    x = rearrange(field.float(), "d h w k -> 1 k d h w")
+    kw = {"align_corners": True} if mode == "trilinear" else {}
+    out = F.interpolate(x, size=tuple(size), mode=mode, **kw)
+    return rearrange(out, "1 k d h w -> d h w k").to(field.dtype)
+
+
+def resample_face(values: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
+    """Face-sized values (H·W, E) resampled bilinearly (corners aligned) to (H'·W', E)."""
+    x = rearrange(values, "(h w) e -> 1 e h w", h=old_hw[0], w=old_hw[1])
+    out = F.interpolate(x, size=tuple(new_hw), mode="bilinear", align_corners=True)
+    return rearrange(out, "1 e h w -> (h w) e").contiguous()
+
+
 def restore_lattice(module: LatticeNetwork, state: dict[str, Any]) -> None:
-    """Restorer of the ``"lattice"`` structural entry: resize to the recorded size, set profile and clustering."""
+    """Restorer of the ``"lattice"`` structural entry: resize to the recorded size (and lattice steps), set profile
+    and clustering."""
     size = tuple(int(s) for s in state["size"])
-    if size != module.config.size:
+    steps = int(state.get("steps", module.config.steps))
+    if size != module.config.size or steps != module.config.steps:
         log.info("checkpoint lattice size %s differs from the configured %s; rebuilding", size, module.config.size)
-        module.resize_lattice(size)
+        module.resize_lattice(size, steps)
     profile = state.get("profile")
     if profile is not None:
         module.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)

@@ -1,0 +1,230 @@
+"""Lattice at scale: seconds and peak memory of one full LatticeNetwork training step (forward, backward, plasticity,
+AdamW step) with and without the memory savers, ``estimate_memory`` against the measured peak, and a MemoryCleanup
+soak (RSS over 2,000 training steps).
+
+    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part estimate     # 5+ sizes, estimate vs measured
+    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part full         # 128x128x96 (D=96), savers on
+    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part savers       # with vs without savers, largest safe size
+    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part soak         # 2,000 steps with MemoryCleanup
+    python benchmarks/lattice_scale.py --case '{"size": [8, 8, 8], ...}'    # one case, prints JSON
+
+Every case runs in its own subprocess; the parent polls the child's ``VmRSS`` (``/proc/<pid>/status``) and kills it
+above ``--rss-limit-gib`` (17 GiB by default), so a case that would exhaust the shared machine is stopped, and
+reports the child's own peak RSS (``ru_maxrss``). Results merge into ``benchmarks/results/lattice_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "lattice_scale.json"
+GIB = 2**30
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def model_kwargs(case: dict) -> dict:
+    D, H, W = case["size"]
+    return dict(
+        depth=D, height=H, width=W, channels=case.get("channels", 16), hidden=case.get("hidden", 64),
+        steps=case.get("steps") or D - 1, fire_rate=0.5, stencil=case.get("stencil", "sparse"),
+        checkpoint_every=case.get("checkpoint_every", 0), encoder_dim=64, decoder_dim=128, heads=4,
+        decoder_layers=2, max_question_bytes=40, max_answer_bytes=40, metrics_every=1,
+    )
+
+
+def case_step(case: dict) -> dict:
+    """One case: build the module, time ``repeats`` full training steps after a warm-up step."""
+    import torch
+
+    from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
+    from neat_lightning.data.codec import BOS_ID, EOS_ID
+    from neat_lightning.modules.lattice import LatticeNetwork
+
+    torch.manual_seed(0)
+    rss0 = current_rss_bytes()
+    kw = model_kwargs(case)
+    model = LatticeNetwork(**kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    B = case.get("batch", 1)
+    question = torch.randint(4, 200, (B, 40))
+    answer = torch.cat([torch.full((B, 1), BOS_ID), torch.randint(4, 200, (B, 40)), torch.full((B, 1), EOS_ID)], 1)
+    batch = {"question": question, "answer": answer}
+    bf16 = case.get("precision") == "bf16-mixed"
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model.loss(batch, stochastic=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.plasticity_step()
+        return float(loss.detach())
+
+    times, losses = [], []
+    for _ in range(1 + case.get("repeats", 1)):  # warm-up + timed steps
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    est = estimate_memory(MemoryConfig(
+        size=tuple(case["size"]), channels=kw["channels"], hidden=kw["hidden"], steps=kw["steps"], batch=B,
+        precision="bf16-mixed" if bf16 else "32-true", checkpoint_every=kw["checkpoint_every"],
+        stencil=kw["stencil"], runtime_bytes=rss0,
+    ))
+    timed = times[1:] or times
+    return {**case, "steps": kw["steps"], "cells": kw["depth"] * kw["height"] * kw["width"],
+            "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], "loss": losses[-1],
+            "peak_rss_gib": peak_rss_bytes() / GIB, "runtime_rss_gib": rss0 / GIB, "estimate_gib": est / GIB,
+            "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}
+
+
+def case_soak(case: dict) -> dict:
+    """``steps`` real Trainer steps on a tiny lattice with MemoryCleanup; RSS sampled by the callback."""
+    import lightning as L
+    import torch
+
+    from neat_lightning.callbacks.memory_cleanup import MemoryCleanup
+    from neat_lightning.data.qa import QADataModule
+    from neat_lightning.modules.lattice import LatticeNetwork
+
+    L.seed_everything(0)
+    model = LatticeNetwork(depth=6, height=8, width=8, channels=8, hidden=16, steps=6, encoder_dim=32, decoder_dim=32,
+                           heads=2, decoder_layers=1, max_question_bytes=24, max_answer_bytes=20, metrics_every=10,
+                           warmup_steps=10)
+    data = QADataModule(max_operand=9, max_factor=5, max_question_bytes=24, max_answer_bytes=20, batch_size=4,
+                        batches_per_epoch=case["steps"] + 10, val_batch_size=8, max_val_pairs=8)
+    cleanup = MemoryCleanup(every_n_steps=case.get("every", 10), log_memory=False)
+    samples: list[tuple[int, int]] = []
+
+    class Sampler(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step % 50 == 0:
+                samples.append((trainer.global_step, current_rss_bytes()))
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=case["steps"], limit_val_batches=0,
+                        callbacks=[cleanup, Sampler()])
+    t0 = time.perf_counter()
+    trainer.fit(model, data)
+    warm = [r for s, r in samples if s >= case.get("warmup", 200)]
+    growth = (warm[-1] - warm[0]) / warm[0]
+    return {**case, "seconds": time.perf_counter() - t0, "rss_after_warmup_mib": warm[0] / 2**20,
+            "rss_end_mib": warm[-1] / 2**20, "rss_max_after_warmup_mib": max(warm) / 2**20,
+            "growth_pct": 100 * growth, "samples": samples, "cleanups": cleanup.cleanups,
+            "released_bytes": cleanup.released_bytes}
+
+
+def run_guarded(case: dict, rss_limit_gib: float, timeout_s: float) -> dict:
+    """Run one case in a child process, polling its RSS; kill it above the limit."""
+    cmd = [sys.executable, __file__, "--case", json.dumps(case)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    status = Path(f"/proc/{proc.pid}/status")
+    peak, killed, t0 = 0, None, time.time()
+    while proc.poll() is None:
+        try:
+            rss = next(int(x.split()[1]) * 1024 for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            rss = 0
+        peak = max(peak, rss)
+        if rss > rss_limit_gib * GIB or time.time() - t0 > timeout_s:
+            killed = f"killed at {rss / GIB:.2f} GiB RSS after {time.time() - t0:.0f} s"
+            proc.kill()
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if killed or proc.returncode != 0:
+        return {**case, "error": killed or f"exit code {proc.returncode}", "polled_peak_rss_gib": peak / GIB}
+    result = json.loads(out.strip().splitlines()[-1])
+    result["polled_peak_rss_gib"] = peak / GIB
+    return result
+
+
+def save(part: str, rows) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[part] = {"rows": rows, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
+                  "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+                  "loadavg_end": os.getloadavg()[0]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(RESULTS)  # atomic
+
+
+def table(rows: list[dict]) -> None:
+    print(f"{'D×H×W':>12} {'T':>3} {'stencil':>7} {'ckpt':>4} {'precision':>10} {'s/step':>8} {'peak GiB':>9} "
+          f"{'estimate':>9} {'est/meas':>8}")
+    for r in rows:
+        size = "×".join(map(str, r["size"]))
+        if "error" in r:
+            print(f"{size:>12} {r.get('steps', '-')!s:>3} {r.get('stencil', 'sparse'):>7} {r.get('checkpoint_every', 0):>4} "
+                  f"{r.get('precision', '32-true'):>10}  {r['error']}")
+            continue
+        print(f"{size:>12} {r['steps']:>3} {r.get('stencil', 'sparse'):>7} {r.get('checkpoint_every', 0):>4} "
+              f"{r.get('precision', '32-true'):>10} {r['s_per_step']:>8.2f} {r['peak_rss_gib']:>9.2f} "
+              f"{r['estimate_gib']:>9.2f} {r['estimate_gib'] / r['peak_rss_gib']:>8.2f}")
+
+
+SAVERS = {"stencil": "shift", "checkpoint_every": 3, "precision": "bf16-mixed"}
+NO_SAVERS = {"stencil": "sparse", "checkpoint_every": 0, "precision": "32-true"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["estimate", "full", "savers", "soak"])
+    parser.add_argument("--case", help="run one case (JSON) in this process and print its result")
+    parser.add_argument("--rss-limit-gib", type=float, default=17.0)
+    parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--full-steps", type=int, default=None, help="lattice steps of the full-size case (D - 1)")
+    args = parser.parse_args()
+    if args.case:
+        case = json.loads(args.case)
+        print(json.dumps(case_soak(case) if case.get("kind") == "soak" else case_step(case)))
+        return
+    if args.part == "estimate":
+        sizes = [(8, 16, 16), (16, 16, 16), (16, 32, 32), (24, 32, 32), (32, 48, 48), (48, 64, 64)]
+        cases = [{"size": list(s), "channels": 16, **v} for s in sizes[:5] for v in (NO_SAVERS, SAVERS)]
+        cases.append({"size": [48, 64, 64], "channels": 16, **SAVERS})
+        rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
+    elif args.part == "full":
+        # fp32: this CPU has no bf16 units (bf16 matmuls are emulated and slower); memory savers = shift + ckpt
+        case = {"size": [96, 128, 128], "channels": 16, "steps": args.full_steps, "repeats": 0, **SAVERS,
+                "precision": "32-true"}
+        rows = [run_guarded(case, args.rss_limit_gib, args.timeout_s)]
+    elif args.part == "savers":
+        size = [32, 48, 48]
+        rows = [run_guarded({"size": size, "channels": 16, **v}, args.rss_limit_gib, args.timeout_s)
+                for v in (NO_SAVERS, {**SAVERS, "precision": "32-true"}, SAVERS)]
+    elif args.part == "soak":
+        rows = [run_guarded({"kind": "soak", "steps": 2000, "every": 10, "warmup": 200}, args.rss_limit_gib,
+                            args.timeout_s)]
+        r = rows[0]
+        if "error" not in r:
+            print(f"soak: {r['steps']} steps in {r['seconds']:.0f} s, RSS after warm-up {r['rss_after_warmup_mib']:.1f} "
+                  f"MiB -> end {r['rss_end_mib']:.1f} MiB (max {r['rss_max_after_warmup_mib']:.1f}): growth "
+                  f"{r['growth_pct']:+.2f}% ({r['cleanups']} cleanups)")
+        save(args.part, rows)
+        return
+    else:
+        parser.error("give --part or --case")
+    table(rows)
+    save(args.part, rows)
+
+
+if __name__ == "__main__":
+    main()
