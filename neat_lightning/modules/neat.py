@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from neat_lightning.components.blt import BLTConfig, BLTProcessor
 from neat_lightning.components.svf import SVFLinear, TaskDispatcher, inject_svf, svf_layers, svf_mixture
 from neat_lightning.components.titans import (
     MemoryBlock,
@@ -41,7 +42,7 @@ from neat_lightning.components.titans import (
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig, rope_angles
 from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.data.math import TASK_TYPES
-from neat_lightning.modules.base import NeatModule
+from neat_lightning.modules.base import NeatModule, check_checkpoint_file
 from neat_lightning.modules.generation import TextGenerationMixin, sample_next
 from neat_lightning.modules.optim import default_adamw
 
@@ -128,6 +129,12 @@ class NeatModel(TextGenerationMixin, NeatModule):
         mlp_hidden: SwiGLU hidden width; ``None`` for 8/3 * dim rounded up to 32.
         dropout: dropout on attention and residual branches.
         rope_base: RoPE base frequency.
+        frontend: ``"bytes"`` (byte embeddings straight into the backbone) or ``"blt"``: the BLT processor
+            (:mod:`neat_lightning.components.blt`) patches the bytes, its local encoder pools them, the backbone runs
+            over patches and its local decoder predicts bytes. Logs ``patch/mean_size`` and ``patch/threshold``.
+        blt_config: the BLT local models, hash n-gram embeddings and patching (adaptive entropy threshold by
+            default; its state is saved in the checkpoint).
+        entropy_model_ckpt: ByteLM checkpoint of the frozen entropy model (``frontend="blt"``, entropy patching).
         titans: build the Titans memory component.
         memory_layers: indices of blocks with memory as context; ``None`` for the last block.
         titans_config: memory settings (seed: persistent 128, memory 2048, surprise threshold 0.5).
@@ -158,6 +165,9 @@ class NeatModel(TextGenerationMixin, NeatModule):
         mlp_hidden: int | None = None,
         dropout: float = 0.0,
         rope_base: float = 10_000.0,
+        frontend: Literal["bytes", "blt"] = "bytes",
+        blt_config: BLTConfig = BLTConfig(),
+        entropy_model_ckpt: str | None = None,
         titans: bool = True,
         memory_layers: list[int] | None = None,
         titans_config: TitansConfig = TitansConfig(),
@@ -199,8 +209,15 @@ class NeatModel(TextGenerationMixin, NeatModule):
             titans_config = TitansConfig(**titans_config)
         if not isinstance(titans_config, TitansConfig):
             raise TypeError(f"titans_config must be a TitansConfig, got {type(titans_config).__name__}")
-        self.save_hyperparameters(ignore=["titans_config"])
+        if frontend not in ("bytes", "blt"):
+            raise ValueError(f"frontend={frontend!r} must be 'bytes' or 'blt'")
+        if isinstance(blt_config, dict):  # as stored in checkpoints
+            blt_config = BLTConfig(**blt_config)
+        if not isinstance(blt_config, BLTConfig):
+            raise TypeError(f"blt_config must be a BLTConfig, got {type(blt_config).__name__}")
+        self.save_hyperparameters(ignore=["titans_config", "blt_config"])
         self.hparams["titans_config"] = asdict(titans_config)
+        self.hparams["blt_config"] = asdict(blt_config)
         self.config = TransformerConfig(
             vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
             mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=True, rope_base=rope_base,
@@ -219,6 +236,14 @@ class NeatModel(TextGenerationMixin, NeatModule):
         general = self.svf_tasks.index("general") if "general" in self.svf_tasks else -1
         expert = [self.svf_tasks.index(t) if t in self.svf_tasks else general for t in TASK_TYPES]
         self.register_buffer("task_to_expert", torch.tensor(expert, dtype=torch.long), persistent=False)
+        # BLT front end (components/blt.py): bytes -> patches -> this backbone -> bytes; built last, so the byte
+        # path (frontend='bytes') draws exactly the random numbers it always did
+        self.blt: BLTProcessor | None = None
+        self._patches: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, lengths) of the step in progress
+        if frontend == "blt":
+            entropy_model = load_entropy_model(entropy_model_ckpt) if blt_config.patching == "entropy" else None
+            self.blt = BLTProcessor(blt_config, self.config.vocab_size, dim, dropout, rope_base, entropy_model)
+            self.model.embed, self.model.head = None, None  # bytes enter and leave through the BLT local models
         self.active: set[str] = set()
         for name in built:
             self.set_component_active(name, name in active_components)
@@ -274,9 +299,45 @@ class NeatModel(TextGenerationMixin, NeatModule):
         start_pos: int = 0,
     ) -> tuple[torch.Tensor, BackboneOutput]:
         """ids (B, T) -> logits (B, T, 260) and the backbone output; ``mix`` (B, n_experts) selects SVF experts."""
+        if self.blt is not None:
+            return self.run_blt(ids, states, mix, record)
         with svf_mixture(svf_layers(self.model), mix if self.is_active("svf") else None):
             out = self.model.forward_hidden(self.model.embed(ids), start_pos, states, record)
         return self.model.head(out.hidden), out
+
+    def run_blt(
+        self,
+        ids: torch.Tensor,
+        states: Sequence[MemoryState | None] | None = None,
+        mix: torch.Tensor | None = None,
+        record: bool = False,
+    ) -> tuple[torch.Tensor, BackboneOutput]:
+        """BLT front end: ids (B, T) -> logits (B, T, V) and the backbone output over patches, whose ``hidden`` is
+        brought back to bytes (B, T, C): each byte gets the latent output its decoder reads last (its own patch's
+        summary of the patches before it), so byte-level heads (SVF dispatcher, MVoT decision) see causal states."""
+        cached = self._patches
+        lengths = cached[1] if cached is not None and cached[0] is ids else None
+        outs: list[BackboneOutput] = []
+
+        def latent(x: torch.Tensor) -> torch.Tensor:  # (B, P, C) patch embeddings -> (B, P, C)
+            outs.append(self.model.forward_hidden(x, 0, states, record))
+            return outs[-1].hidden
+
+        with svf_mixture(svf_layers(self.model), mix if self.is_active("svf") else None):
+            res = self.blt(ids, latent, lengths)
+        out = outs[0]
+        hidden = torch.gather(out.hidden, 1, res["patch_ids"][..., None].expand(-1, -1, out.hidden.shape[-1]))
+        return res["logits"], BackboneOutput(hidden, out.states, out.stats)
+
+    def patch_lengths(self, ids: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """BLT patches of ids (B, T) -> (B, P) lengths; ``update`` lets the adaptive threshold observe the batch
+        (averaged over DDP ranks, so every rank keeps the same threshold)."""
+        if self.blt is None:
+            raise ValueError("patch_lengths needs frontend='blt'")
+        reduce_ratio = None
+        if self._trainer is not None and self.trainer.world_size > 1:
+            reduce_ratio = lambda r: self.trainer.strategy.reduce(r, reduce_op="mean")  # noqa: E731
+        return self.blt.patch_lengths(ids, update=update, reduce_ratio=reduce_ratio)
 
     def forward(self, ids: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
         """ids: (B, T) int64 -> next-byte logits (B, T, 260)."""
@@ -316,6 +377,8 @@ class NeatModel(TextGenerationMixin, NeatModule):
         """Forward a batch: weighted next-byte loss, per-byte nats, argmax correctness and memory stats."""
         ids, answer_ids, task = self.unpack(batch)
         x, y = ids[:, :-1], ids[:, 1:]
+        if self.blt is not None:  # patch once per step (the dispatcher's first pass reuses the patches)
+            self._patches = (x, self.patch_lengths(x, update=self.training and torch.is_grad_enabled()))
         mix, dispatch_logits = self.choose_mix(x, task)
         logits, out = self.run(x, mix=mix, record=record)
         nats = F.cross_entropy(rearrange(logits, "b t v -> b v t").float(), y, ignore_index=PAD_ID, reduction="none")
@@ -326,6 +389,9 @@ class NeatModel(TextGenerationMixin, NeatModule):
             weight = torch.where(seg > 0, weight * self.hparams.answer_weight, weight)
         loss = (nats * weight).sum() / weight.sum().clamp_min(1.0)
         terms = {"loss": loss, "nats": nats, "valid": valid, "logits": logits, "seg": seg, "task": task, "out": out}
+        if self._patches is not None:
+            terms["patch_lengths"] = self._patches[1]
+            self._patches = None
         if dispatch_logits is not None and task is not None:
             target = self.task_to_expert[task]
             keep = target >= 0
@@ -342,6 +408,10 @@ class NeatModel(TextGenerationMixin, NeatModule):
             self.log("train/dispatch_loss", terms["dispatch_loss"])
             loss = loss + terms["dispatch_loss"]
         self.log_memory(terms["out"].stats)
+        if "patch_lengths" in terms:
+            lengths = terms["patch_lengths"]
+            self.log("patch/mean_size", lengths.sum() / (lengths > 0).sum().clamp_min(1))
+            self.log("patch/threshold", self.blt.threshold)
         return loss
 
     def log_memory(self, stats: list[MemoryStats], prefix: str = "memory") -> None:
@@ -519,6 +589,24 @@ class NeatModel(TextGenerationMixin, NeatModule):
                 break
         self.train(was_training)
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
+
+
+def load_entropy_model(path: str | None) -> nn.Module:
+    """The frozen entropy model of BLT entropy patching: a ByteLM checkpoint's transformer, in eval mode, no grads."""
+    from neat_lightning.modules.byte_lm import ByteLM
+
+    hint = ("train one with `neat fit --config configs/blt_entropy_model.yaml` (or the small "
+            "configs/byte_lm_quickstart.yaml) first, or use blt_config.patching: static / space")
+    if path is None:
+        raise ValueError(f"frontend='blt' with entropy patching needs entropy_model_ckpt: a ByteLM checkpoint; {hint}")
+    try:
+        check_checkpoint_file(path, "entropy_model_ckpt")
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
+        raise type(err)(f"{err}; {hint}") from None
+    with torch.random.fork_rng(devices=[]):  # loading must not shift the random stream of the model being built
+        lm = ByteLM.load_from_checkpoint(path, map_location="cpu")
+    lm.eval().requires_grad_(False)
+    return lm.model
 
 
 def exact_match_counts(
