@@ -8,7 +8,9 @@ References:
     Zeghidour et al. 2021 (SoundStream, arXiv 2107.03312) and Dhariwal et al. 2020 (Jukebox): k-means
         initialisation on the first batch, and restarting codes whose EMA usage falls below a threshold to encodings
         of the current batch.
-    Yu et al. 2022 (ViT-VQGAN, arXiv 2110.04627): optional l2-normalised (cosine) codes.
+    Yu et al. 2022 (ViT-VQGAN, arXiv 2110.04627): optional l2-normalised (cosine) codes, and factorised codes: the
+        lookup runs in a low-dimensional projection of the encoding (``lookup_dim``), and a linear map takes the chosen
+        low-dimensional code back up to the code dimension D the decoder reads (LlamaGen uses the same: 8-d lookup).
 
 Why not ``vector-quantize-pytorch`` (docs/vqvae.md has the long form): its restarts and k-means sampling draw from
 the global RNG (``torch.randperm`` without a generator), so a resumed run draws different restart vectors than the
@@ -133,8 +135,21 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: Lloyd iterations of that initialisation.
         cosine: l2-normalise encodings and codes; distances are then between unit vectors.
         seed: seed of initialisation and restarts (together with the step counter, so resumes replay exactly).
+        lookup_dim: factorised codes (ViT-VQGAN): project encodings ``dim -> lookup_dim`` (``project_in``), find the
+            nearest of K ``lookup_dim``-dimensional codes (EMA, restarts and k-means all run in that space), and
+            map the chosen code back ``lookup_dim -> dim`` (``project_out``, trained through the straight-through
+            estimator). ``codebook`` is then ``project_out`` of the low-dimensional codes, (K, dim). ``None``: the
+            lookup runs in ``dim`` itself (no projections).
+        restart_distinct: restart each dead code to a *different* batch vector (sampled without replacement; when
+            more codes are dead than the batch has vectors, the rest wait for the next step). With replacement,
+            several codes can land on one vector, and all but one of them are wasted.
+        restart_count: the EMA count a restarted code starts at; ``None``: the threshold itself. When codes receive
+            less than one encoding a step on average (K larger than the batch), a code restarted at the threshold
+            dies at the first step it is not hit; starting it at the mean count (vectors per batch / K) gives it
+            ``log(restart_count / threshold) / (1 - decay)`` steps to prove itself.
 
-    Buffers (all in the state dict): ``embed`` (K, D) the codebook, ``embed_avg`` (K, D) EMA sums, ``cluster_size``
+    Buffers (all in the state dict): ``embed`` (K, L) the lookup codes (L = ``lookup_dim or dim``), ``embed_avg``
+    (K, L) EMA sums, ``cluster_size``
     (K,) EMA counts, ``usage`` (K,) int64 lifetime training assignments, ``initted`` () bool, ``step`` () int64
     training updates so far.
     """
@@ -152,6 +167,9 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         cosine: bool = False,
         seed: int = 0,
+        lookup_dim: int | None = None,
+        restart_distinct: bool = False,
+        restart_count: float | None = None,
     ) -> None:
         super().__init__()
         if codebook_size < 2:
@@ -168,18 +186,29 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"restart_sampling={restart_sampling!r} must be 'uniform' or 'error'")
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters={kmeans_iters} must be >= 0")
+        if restart_count is not None and restart_count < dead_code_threshold:
+            raise ValueError(
+                f"restart_count={restart_count} must be >= dead_code_threshold={dead_code_threshold} (or None)"
+            )
+        if lookup_dim is not None and not 1 <= lookup_dim:
+            raise ValueError(f"lookup_dim={lookup_dim} must be >= 1 (or None: look codes up in dim={dim})")
         self.codebook_size, self.dim = codebook_size, dim
         self.decay, self.commitment, self.eps = decay, commitment, eps
         self.dead_code_threshold, self.restart_sampling = dead_code_threshold, restart_sampling
         self.kmeans_init, self.kmeans_iters, self.cosine, self.seed = kmeans_init, kmeans_iters, cosine, seed
+        self.lookup_dim, self.restart_distinct, self.restart_count = lookup_dim, restart_distinct, restart_count
+        ldim = dim if lookup_dim is None else lookup_dim
+        if lookup_dim is not None:
+            self.project_in = nn.Linear(dim, lookup_dim)  # (..., D) -> (..., L)
+            self.project_out = nn.Linear(lookup_dim, dim)  # (..., L) -> (..., D)
 
         g = torch.Generator().manual_seed(seed)
-        embed = torch.randn(codebook_size, dim, generator=g) / dim**0.5
+        embed = torch.randn(codebook_size, ldim, generator=g) / ldim**0.5
         if cosine:
             embed = l2norm(embed)
-        self.register_buffer("embed", embed)  # (K, D)
+        self.register_buffer("embed", embed)  # (K, L)
         start = max(dead_code_threshold, eps)  # every code starts at the threshold (see _init_from_kmeans)
-        self.register_buffer("embed_avg", embed * start)  # (K, D)
+        self.register_buffer("embed_avg", embed * start)  # (K, L)
         self.register_buffer("cluster_size", torch.full((codebook_size,), start))  # (K,)
         self.register_buffer("usage", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
         self.register_buffer("initted", torch.tensor(not kmeans_init))
@@ -188,17 +217,29 @@ class VectorQuantizer(nn.Module):
     # -- lookup ----------------------------------------------------------------------------------------------------
 
     @property
-    def codebook(self) -> torch.Tensor:
-        """(K, D) the codes the decoder sees (unit vectors when ``cosine``)."""
+    def lookup_codebook(self) -> torch.Tensor:
+        """(K, L) the codes the nearest-neighbour lookup compares against (unit vectors when ``cosine``)."""
         return l2norm(self.embed) if self.cosine else self.embed
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, D) the codes the decoder sees: the lookup codes, or ``project_out`` of them when factorised."""
+        return self._up(self.lookup_codebook)
+
+    def _up(self, q: torch.Tensor) -> torch.Tensor:
+        """(..., L) lookup-space codes -> (..., D)."""
+        return q if self.lookup_dim is None else self.project_out(q)
+
     def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., D) encodings -> (..., L) vectors in the lookup space (projected, then normalised when cosine)."""
+        if self.lookup_dim is not None:
+            z = self.project_in(z)
         return l2norm(z) if self.cosine else z
 
     def indices_from_vectors(self, z: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
         """z: (..., D) -> (...) int64 nearest-code ids (no state changes). Processed in chunks of vectors."""
         flat, ps = pack([self._prepare(z.float())], "* d")
-        codes = self.codebook.float()
+        codes = self.lookup_codebook.float()
         ids = torch.cat([squared_distances(c, codes).argmin(-1) for c in flat.split(chunk)]) if len(flat) else \
             torch.empty(0, dtype=torch.long, device=z.device)
         return unpack(ids, ps, "*")[0]
@@ -211,7 +252,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(
                 f"indices must lie in [0, {self.codebook_size}); got min {int(indices.min())}, max {int(indices.max())}"
             )
-        return F.embedding(indices, self.codebook)
+        return self._up(F.embedding(indices, self.lookup_codebook))
 
     # -- training updates -------------------------------------------------------------------------------------------
 
@@ -257,12 +298,22 @@ class VectorQuantizer(nn.Module):
             weights = errors + 1e-12  # (N,)
         else:
             weights = torch.ones(len(flat), device=flat.device)
-        pick = torch.multinomial(weights, self.codebook_size, replacement=True, generator=g)  # (K,) one per code
+        if self.restart_distinct:
+            # distinct batch vectors, in sampled order, go to the dead codes in index order; codes beyond the
+            # batch's vector count stay dead until the next step
+            n = min(len(flat), self.codebook_size)
+            order = torch.multinomial(weights, n, replacement=False, generator=g)  # (n,)
+            rank = (torch.cumsum(dead.long(), 0) - 1).clamp_min(0)  # (K,) position of each dead code among the dead
+            dead = dead & (rank < n)
+            pick = order[rank.clamp_max(n - 1)]  # (K,)
+            n_dead = dead.sum()
+        else:
+            pick = torch.multinomial(weights, self.codebook_size, replacement=True, generator=g)  # (K,) one per code
         fresh = _broadcast_(flat[pick].clone())  # rank 0's draw wins, so ranks keep one codebook
         self.embed.copy_(torch.where(dead[:, None], fresh, self.embed))
-        # a restarted code starts at the threshold: it survives while it is used at least that often
-        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, self.dead_code_threshold),
-                                            self.cluster_size))
+        # a restarted code starts at the threshold (or restart_count): it survives while it is used that often
+        start = self.dead_code_threshold if self.restart_count is None else self.restart_count
+        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, start), self.cluster_size))
         self.embed_avg.copy_(torch.where(dead[:, None], self.embed * self.cluster_size[:, None], self.embed_avg))
         return n_dead
 
@@ -277,12 +328,12 @@ class VectorQuantizer(nn.Module):
         if z.shape[-1] != self.dim:
             raise ValueError(f"z must end in dim={self.dim}; got shape {tuple(z.shape)}")
         zf = self._prepare(z.float())
-        flat, ps = pack([zf], "* d")  # (N, D)
+        flat, ps = pack([zf], "* d")  # (N, L)
         update = self.training and torch.is_grad_enabled()
         if update and not bool(self.initted):
             self._init_from_kmeans(flat.detach())
-        errors, indices = squared_distances(flat.detach(), self.codebook).min(-1)  # (N,), (N,)
-        q = F.embedding(indices, self.codebook).clone()  # (N, D): the codes the lookup chose, before the update
+        errors, indices = squared_distances(flat.detach(), self.lookup_codebook).min(-1)  # (N,), (N,)
+        q = F.embedding(indices, self.lookup_codebook).clone()  # (N, L): the codes the lookup chose, before the update
         restarted = torch.zeros((), dtype=torch.long, device=z.device)
         if update:
             restarted = self._ema_update(flat.detach(), indices, errors)
@@ -290,7 +341,7 @@ class VectorQuantizer(nn.Module):
         commit = self.commitment * F.mse_loss(flat, q.detach())
         hist = torch.bincount(indices, minlength=self.codebook_size).float()
         perplexity = perplexity_from_counts(hist)
-        quantized = unpack(straight_through(flat, q), ps, "* d")[0].to(z.dtype)
+        quantized = unpack(self._up(straight_through(flat, q)), ps, "* d")[0].to(z.dtype)
         return QuantizerOutput(quantized, unpack(indices, ps, "*")[0], commit, perplexity, restarted)
 
 

@@ -112,6 +112,12 @@ class VQVAE(NeatModule):
         kmeans_iters: Lloyd iterations of that initialisation.
         cosine: l2-normalised encodings and codes.
         quantizer_seed: seed of the codebook initialisation and restarts.
+        lookup_dim: factorised codes (ViT-VQGAN / LlamaGen): the nearest-code lookup, EMA and restarts run in a
+            ``lookup_dim``-dimensional projection of the encoding; ``codebook`` stays (K, embed_dim), the linear
+            map of the low-dimensional codes back to ``embed_dim`` that the decoder reads. ``None``: no projection.
+        restart_distinct: restart dead codes to distinct batch encodings (sampled without replacement).
+        restart_count: EMA count a restarted code starts at (``None``: ``dead_code_threshold``); the mean count
+            (tokens per batch / K) gives restarted codes time to be hit when K exceeds the tokens of a batch.
         learning_rate: peak AdamW learning rate of the default optimizer (unused when the CLI sets ``optimizer:``).
         weight_decay: AdamW weight decay on conv kernels.
         warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
@@ -136,6 +142,9 @@ class VQVAE(NeatModule):
         kmeans_iters: int = 10,
         cosine: bool = False,
         quantizer_seed: int = 0,
+        lookup_dim: int | None = None,
+        restart_distinct: bool = False,
+        restart_count: float | None = None,
         learning_rate: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 50,
@@ -152,7 +161,8 @@ class VQVAE(NeatModule):
         self.quantizer = VectorQuantizer(
             codebook_size, embed_dim, decay=decay, commitment=commitment, dead_code_threshold=dead_code_threshold,
             restart_sampling=restart_sampling, kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, cosine=cosine,
-            seed=quantizer_seed,
+            seed=quantizer_seed, lookup_dim=lookup_dim, restart_distinct=restart_distinct,
+            restart_count=restart_count,
         )
         self.val_usage = CodeUsage(codebook_size)
         self.val_mse = MeanMetric()
@@ -299,10 +309,13 @@ class VQVAE(NeatModule):
             return
         ours = self.quantizer.embed
         if tuple(theirs.shape) != tuple(ours.shape):
+            lookup = self.quantizer.lookup_dim
+            what = "(codebook_size, embed_dim)" if lookup is None else "(codebook_size, lookup_dim)"
+            extra = "" if lookup is None else f", lookup_dim={lookup}"
             raise ValueError(
-                f"{source}: codebook shape mismatch: the checkpoint has (codebook_size, embed_dim) = "
+                f"{source}: codebook shape mismatch: the checkpoint has {what} = "
                 f"{tuple(theirs.shape)}, this model is configured with {tuple(ours.shape)} "
-                f"(codebook_size={self.codebook_size}, embed_dim={self.config.embed_dim})"
+                f"(codebook_size={self.codebook_size}, embed_dim={self.config.embed_dim}{extra})"
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -93,6 +93,58 @@ def test_dead_codes_restart_to_batch_vectors() -> None:
     assert len(vq.eval()(z).indices.unique()) > 3
 
 
+def test_distinct_restarts_use_each_batch_vector_at_most_once() -> None:
+    z = _data(6, 4)  # fewer vectors than dead codes: 6 codes restart now, the rest wait for the next batch
+    vq = VectorQuantizer(16, 4, kmeans_init=False, dead_code_threshold=0.5, restart_distinct=True)
+    vq.embed.copy_(torch.full((16, 4), 100.0))
+    vq.embed[0] = 0.0
+    out = vq.train()(z)
+    assert int(out.restarted) == 6
+    match = (vq.embed[:, None] == z[None]).all(-1)  # (16, 6): code i sits exactly on batch vector j
+    assert match.sum(0).tolist() == [1] * 6  # every batch vector took exactly one code: no duplicates
+    assert int(match.any(1).sum()) == 6
+    assert int((vq.cluster_size < 0.5).sum()) == 16 - 1 - 6  # still dead, restarted from the next batch
+    with_replacement = VectorQuantizer(16, 4, kmeans_init=False, dead_code_threshold=0.5)
+    with_replacement.embed.copy_(vq.embed.new_full((16, 4), 100.0))
+    with_replacement.embed[0] = 0.0
+    assert int(with_replacement.train()(z).restarted) == 15  # every dead code, so some share a vector
+
+
+def test_restart_count_gives_restarted_codes_time() -> None:
+    def steps_until_restart(restart_count: float | None) -> int:
+        vq = VectorQuantizer(4, 2, kmeans_init=False, dead_code_threshold=0.1, decay=0.9,
+                             restart_count=restart_count)
+        vq.embed.copy_(torch.tensor([[-1000.0, -1000.0], [60.0, 60.0], [70.0, 70.0], [80.0, 80.0]]))
+        # code 0 was just restarted (count at its start value) and nothing will hit it again
+        vq.cluster_size.copy_(torch.tensor([0.1 if restart_count is None else restart_count, 1.0, 1.0, 1.0]))
+        vq.embed_avg.copy_(vq.embed * vq.cluster_size[:, None])
+        for i in range(1, 100):
+            if int(vq.train()(torch.tensor([[60.0, 60.0], [70.0, 70.0], [80.0, 80.0]])).restarted):
+                return i
+        return 100
+
+    assert steps_until_restart(None) == 1  # restarted at the threshold, it dies the first step it is not hit
+    assert steps_until_restart(0.4) == 14  # 0.4 * 0.9^k < 0.1 from k = 14: that many steps of grace
+
+
+def test_factorised_lookup_runs_in_the_low_dimensional_space() -> None:
+    vq = VectorQuantizer(16, 8, lookup_dim=3, kmeans_init=False, cosine=True).eval()
+    assert vq.embed.shape == (16, 3) and vq.codebook.shape == (16, 8)
+    z = _data(50)
+    out = vq(z)
+    low = torch.nn.functional.normalize(vq.project_in(z), dim=-1)
+    assert torch.equal(out.indices, torch.cdist(low, vq.lookup_codebook).argmin(-1))
+    assert torch.equal(vq.indices_from_vectors(z), out.indices)
+    assert torch.allclose(out.quantized, vq.codebook[out.indices], atol=1e-6)
+    assert torch.allclose(vq.vectors_from_indices(out.indices), out.quantized, atol=1e-6)
+    z.requires_grad_(True)
+    vq(z).quantized.sum().backward()  # the straight-through gradient reaches the encoder through both projections
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert vq.project_out.weight.grad is not None
+    plain = VectorQuantizer(16, 8)
+    assert not any(k.startswith("project") for k in plain.state_dict())  # unfactorised checkpoints unchanged
+
+
 @pytest.mark.parametrize("sampling", ["uniform", "error"])
 def test_restarts_are_deterministic_from_seed_and_step(sampling: str) -> None:
     def run(seed: int) -> torch.Tensor:
@@ -162,6 +214,10 @@ def test_bad_arguments_raise() -> None:
         VectorQuantizer(8, 4, decay=1.0)
     with pytest.raises(ValueError, match="restart_sampling='often'"):
         VectorQuantizer(8, 4, restart_sampling="often")
+    with pytest.raises(ValueError, match="lookup_dim=0 must be >= 1"):
+        VectorQuantizer(8, 4, lookup_dim=0)
+    with pytest.raises(ValueError, match="restart_count=0.1 must be >= dead_code_threshold=0.5"):
+        VectorQuantizer(8, 4, dead_code_threshold=0.5, restart_count=0.1)
     vq = VectorQuantizer(8, 4)
     with pytest.raises(ValueError, match=r"z must end in dim=4; got shape \(2, 5\)"):
         vq(torch.zeros(2, 5))

@@ -82,8 +82,8 @@ def test_bad_input_names_the_shape() -> None:
 
 
 def test_validation_metrics_cover_the_whole_epoch(tmp_path) -> None:
+    L.seed_everything(0)  # before the model: its initial weights must not depend on which tests ran before
     model = VQVAE(**TINY)
-    L.seed_everything(0)
     _trainer(tmp_path, max_steps=5, limit_val_batches=0).fit(model, _dm())
     # two validation batches that use different codes: usage must count the union, not a per-batch mean
     images = torch.cat([sample_images(4, seed=1, families=["maze"])[0],
@@ -174,18 +174,25 @@ def test_codebook_size_mismatch_names_both_shapes(tmp_path) -> None:
     other = VQVAE(**{**TINY, "codebook_size": 8, "embed_dim": 4})
     with pytest.raises(ValueError, match=r"\(16, 4\).*\(8, 4\) \(codebook_size=8, embed_dim=4\)"):
         other.load_state_dict(model.state_dict())
+    factorised = VQVAE(**{**TINY, "lookup_dim": 2})
+    with pytest.raises(ValueError, match=r"\(codebook_size, lookup_dim\) = \(16, 4\).*\(16, 2\).*lookup_dim=2"):
+        factorised.load_state_dict(model.state_dict())
     # and on resume: a config with another codebook cannot continue this run
     with pytest.raises(ValueError, match=r"codebook_size=8"):
         _trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False).fit(
             other, _dm(), ckpt_path=path)
 
 
-def test_resume_is_exact(tmp_path) -> None:
+FACTORISED = dict(lookup_dim=2, cosine=True, restart_distinct=True, restart_count=3.0)
+
+
+@pytest.mark.parametrize("extra", [{}, FACTORISED], ids=["plain", "factorised"])
+def test_resume_is_exact(tmp_path, extra: dict) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(ckpt: str | None = None) -> VQVAE:
         L.seed_everything(7)
-        model = VQVAE(**{**TINY, "dead_code_threshold": 2.0})  # restarts happen in these few steps
+        model = VQVAE(**{**TINY, "dead_code_threshold": 2.0, **extra})  # restarts happen in these few steps
         every3 = ModelCheckpoint(dirpath=tmp_path / "ckpts", filename="{step}", every_n_train_steps=3, save_top_k=-1)
         trainer = _trainer(tmp_path, max_steps=6, limit_val_batches=0, deterministic=True, callbacks=[every3])
         trainer.fit(model, _dm(batches_per_epoch=4), ckpt_path=ckpt)  # 4 batches an epoch: resumes mid-epoch 0
@@ -198,6 +205,13 @@ def test_resume_is_exact(tmp_path) -> None:
     for k, v in _state(full).items():
         assert torch.equal(resumed.state_dict()[k], v), k
     assert int(resumed.quantizer.step) == 6
+    if extra:  # the factorised model keeps the (K, embed_dim) codebook interface and reloads alone
+        assert full.codebook.shape == (16, 4) and full.quantizer.embed.shape == (16, 2)
+        loaded = VQVAE.load_from_checkpoint(tmp_path / "ckpts" / "step=6.ckpt")
+        images, _ = sample_images(4, seed=9)
+        assert torch.equal(loaded.encode(images), full.encode(images))
+        assert torch.allclose(loaded.decode(loaded.encode(images)), full.decode(full.encode(images)))
+        assert torch.allclose(loaded.codebook_distances(), full.codebook_distances())
 
 
 # -- round trip: the symbolic state survives encode -> decode ----------------------------------------------------------
