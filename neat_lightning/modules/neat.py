@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from neat_lightning.components.mvot import NO_IMAGE, MVoTPath, advance, constrain_logits, image_counts
 from neat_lightning.components.blt import BLTConfig, BLTProcessor
 from neat_lightning.components.svf import SVFLinear, TaskDispatcher, inject_svf, svf_layers, svf_mixture
 from neat_lightning.components.titans import (
@@ -47,7 +48,7 @@ from neat_lightning.modules.generation import TextGenerationMixin, sample_next
 from neat_lightning.modules.optim import default_adamw
 
 COMPONENTS_KEY = "neat_components"
-COMPONENT_NAMES = ("titans", "svf")
+COMPONENT_NAMES = ("titans", "svf", "mvot")
 DEFAULT_SVF_TASKS = (*TASK_TYPES, "general")  # the seed's 8 experts: the 7 task types and a general one
 
 
@@ -152,6 +153,16 @@ class NeatModel(TextGenerationMixin, NeatModule):
         active_components: components active from the start (others wait for ``set_component_active`` /
             the ComponentSchedule callback).
         answer_weight: loss weight of completion bytes (solution + answer) relative to other bytes.
+        mvot: build the MVoT visual-token path (:mod:`neat_lightning.components.mvot`): ids 260 / 261 mark the
+            begin / end of an image, ids 262.. are the codes of the frozen VQ-VAE, a decision head predicts when to
+            start an image, and ``mvot_lambda * L_D`` (token discrepancy loss) is added on visual positions.
+            Switched off (``set_component_active``), L_D and the decision loss are skipped and generation writes
+            text only.
+        vqvae_ckpt: the trained VQ-VAE checkpoint (``modules.VQVAE``) the visual path loads frozen.
+        visual_vocab_size: visual tokens K; must equal the VQ-VAE's ``codebook_size``.
+        image_size: image side in pixels (a multiple of the VQ-VAE's ``downsample``): sets the h x w codes per image.
+        mvot_lambda: weight of L_D (MVoT's seed: 0.1; 0 disables it).
+        decision_weight: weight of the visualization-decision head's binary cross-entropy.
         learning_rate, weight_decay, warmup_steps, min_lr_ratio: the default AdamW + warm-up/cosine schedule.
     """
 
@@ -182,6 +193,12 @@ class NeatModel(TextGenerationMixin, NeatModule):
         dispatch_prefix: int = 32,
         active_components: list[str] = ["titans"],
         answer_weight: float = 1.0,
+        mvot: bool = False,
+        vqvae_ckpt: str | None = None,
+        visual_vocab_size: int = 128,
+        image_size: int = 32,
+        mvot_lambda: float = 0.1,
+        decision_weight: float = 1.0,
         learning_rate: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
@@ -201,7 +218,13 @@ class NeatModel(TextGenerationMixin, NeatModule):
         for name in svf_train_experts or []:
             if name not in svf_tasks:
                 raise ValueError(f"svf_train_experts: {name!r} is not an expert; svf_tasks are {list(svf_tasks)}")
-        built = [n for n, on in (("titans", titans), ("svf", svf)) if on]
+        if mvot and vqvae_ckpt is None:
+            raise ValueError("mvot=True needs vqvae_ckpt: the path of a trained VQVAE checkpoint (modules.VQVAE)")
+        if mvot_lambda < 0 or decision_weight < 0:
+            raise ValueError(f"mvot_lambda={mvot_lambda} and decision_weight={decision_weight} must be >= 0")
+        if visual_vocab_size < 1:
+            raise ValueError(f"visual_vocab_size={visual_vocab_size} must be >= 1")
+        built = [n for n, on in (("titans", titans), ("svf", svf), ("mvot", mvot)) if on]
         for name in active_components:
             if name not in built:
                 raise ValueError(f"active_components: {name!r} is not a built component; built: {built}")
@@ -219,7 +242,8 @@ class NeatModel(TextGenerationMixin, NeatModule):
         self.hparams["titans_config"] = asdict(titans_config)
         self.hparams["blt_config"] = asdict(blt_config)
         self.config = TransformerConfig(
-            vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
+            vocab_size=VOCAB_SIZE + 2 + visual_vocab_size if mvot else VOCAB_SIZE,  # MVoT: BOI, EOI, K codes
+            dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
             mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=True, rope_base=rope_base,
         )
         layers = list(memory_layers) if memory_layers is not None else [n_layers - 1]
@@ -236,6 +260,11 @@ class NeatModel(TextGenerationMixin, NeatModule):
         general = self.svf_tasks.index("general") if "general" in self.svf_tasks else -1
         expert = [self.svf_tasks.index(t) if t in self.svf_tasks else general for t in TASK_TYPES]
         self.register_buffer("task_to_expert", torch.tensor(expert, dtype=torch.long), persistent=False)
+        self.mvot: MVoTPath | None = None
+        if mvot:
+            with torch.random.fork_rng(devices=[]):  # building the VQ-VAE must not shift anyone's random stream
+                vqvae = load_frozen_vqvae(vqvae_ckpt, visual_vocab_size)
+            self.mvot = MVoTPath(vqvae, dim, vqvae.grid_shape(image_size))
         # BLT front end (components/blt.py): bytes -> patches -> this backbone -> bytes; built last, so the byte
         # path (frontend='bytes') draws exactly the random numbers it always did
         self.blt: BLTProcessor | None = None
@@ -392,6 +421,11 @@ class NeatModel(TextGenerationMixin, NeatModule):
         if self._patches is not None:
             terms["patch_lengths"] = self._patches[1]
             self._patches = None
+        if self.mvot is not None and self.is_active("mvot"):  # L_CE + lambda L_D (+ the decision head's BCE)
+            m = self.mvot.losses(logits, out.hidden, y)
+            hp = self.hparams
+            terms["loss"] = loss + hp.mvot_lambda * m["loss_d"] + hp.decision_weight * m["decision_loss"]
+            terms["mvot"] = m
         if dispatch_logits is not None and task is not None:
             target = self.task_to_expert[task]
             keep = target >= 0
@@ -412,6 +446,11 @@ class NeatModel(TextGenerationMixin, NeatModule):
             lengths = terms["patch_lengths"]
             self.log("patch/mean_size", lengths.sum() / (lengths > 0).sum().clamp_min(1))
             self.log("patch/threshold", self.blt.threshold)
+        if "mvot" in terms:
+            m = terms["mvot"]
+            self.log("train/loss_d", m["loss_d"])
+            self.log("train/decision_loss", m["decision_loss"])
+            self.log("train/visual_acc", m["visual_correct"] / m["visual_total"].clamp_min(1))
         return loss
 
     def log_memory(self, stats: list[MemoryStats], prefix: str = "memory") -> None:
@@ -464,6 +503,14 @@ class NeatModel(TextGenerationMixin, NeatModule):
         if "dispatch_acc" in terms:
             v["dispatch_ok"] += terms["dispatch_acc"].sum().double()
             v["dispatch_n"] += terms["dispatch_acc"].numel()
+        if "mvot" in terms:
+            m = terms["mvot"]
+            n_visual = m["visual_total"].double()
+            for key, value in (("visual_correct", m["visual_correct"].double()), ("visual_total", n_visual),
+                               ("loss_d_sum", m["loss_d"].detach().double() * n_visual),
+                               ("decision_correct", m["decision_correct"].double()),
+                               ("decision_total", m["decision_total"].double())):
+                v[key] = v.get(key, 0.0) + value
 
     def on_validation_epoch_end(self) -> None:
         v = self._val
@@ -479,6 +526,11 @@ class NeatModel(TextGenerationMixin, NeatModule):
                     self.log(f"val/exact_match/{name}", (v["correct"][i] / v["total"][i]).float())
         if v["dispatch_n"] > 0:
             self.log("val/dispatch_acc", (v["dispatch_ok"] / v["dispatch_n"]).float())
+        if "visual_total" in v and v["visual_total"] > 0:
+            self.log("val/visual_acc", (v["visual_correct"] / v["visual_total"]).float())
+            self.log("val/loss_d", (v["loss_d_sum"] / v["visual_total"]).float())
+        if "decision_total" in v and v["decision_total"] > 0:
+            self.log("val/decision_acc", (v["decision_correct"] / v["decision_total"]).float())
         self._val = {}
 
     def configure_optimizers(self):
@@ -581,7 +633,7 @@ class NeatModel(TextGenerationMixin, NeatModule):
                 states = self.run(segment, states, mix=mix)[1].states
                 states = [detach_state(s) for s in states]
                 start += fold
-            logits = self.run(seq[None, start:], states, mix=mix)[0][0, -1]
+            logits = self.run(seq[None, start:], states, mix=mix)[0][0, -1, :VOCAB_SIZE]  # text only
             nxt = sample_next(logits, temperature, top_k, generator)
             out.append(nxt)
             seq = torch.cat([seq, nxt.view(1)])
@@ -589,6 +641,72 @@ class NeatModel(TextGenerationMixin, NeatModule):
                 break
         self.train(was_training)
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
+
+    @torch.inference_mode()
+    def generate_interleaved(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_at_eos: bool = True,
+    ) -> torch.Tensor:
+        """Continue prompts ``ids`` (B, T0) (or (T0,)) with interleaved text and images -> new ids (B, N).
+
+        Needs the MVoT path. At a text position the visualization-decision head decides whether an image starts
+        (BOI); otherwise a byte is sampled. Inside an image exactly ``h * w`` visual tokens are sampled (constrained
+        to the visual range), then EOI is forced. Rows that ended (EOS) are padded with PAD. Long contexts are folded
+        into the Titans memory as in :meth:`generate`. Decode the images with
+        ``self.mvot.vocab.segments(row)`` and ``self.mvot.decode_images``.
+        """
+        if self.mvot is None:
+            raise ValueError("generate_interleaved needs the MVoT path (mvot=True, vqvae_ckpt=...)")
+        was_training = self.training
+        self.eval()
+        vocab = self.mvot.vocab
+        seq = ids.to(self.device).long()
+        seq = seq[None] if seq.ndim == 1 else seq
+        if seq.shape[1] == 0:
+            seq = torch.full((seq.shape[0], 1), EOS_ID, dtype=torch.long, device=self.device)
+        count = image_counts(seq, vocab)  # (B,) codes written in the open image, or NO_IMAGE
+        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=self.device)
+        states, start, out = None, 0, []
+        fold = max(1, self.config.block_size // 2)
+        for _ in range(max_new_tokens):
+            while seq.shape[1] - start > self.config.block_size:  # fold the oldest half-block into the memory
+                states = [detach_state(s) for s in self.run(seq[:, start : start + fold], states)[1].states]
+                start += fold
+            logits, backbone = self.run(seq[:, start:], states)
+            if self.is_active("mvot"):
+                decide = self.mvot.decision(backbone.hidden[:, -1]).squeeze(-1) > 0  # (B,)
+            else:
+                decide = torch.zeros_like(done)
+            logits = constrain_logits(logits[:, -1].float(), count, decide, vocab)  # (B, V)
+            nxt = sample_rows(logits, temperature, top_k, generator)
+            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+            out.append(nxt)
+            count = advance(count, nxt, vocab)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if stop_at_eos:
+                done = done | ((nxt == EOS_ID) & (count == NO_IMAGE))
+                if bool(done.all()):
+                    break
+        self.train(was_training)
+        return torch.stack(out, dim=1) if out else seq.new_empty(seq.shape[0], 0)
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, V) -> one sampled id per row (B,); ``temperature <= 0`` picks the argmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 def load_entropy_model(path: str | None) -> nn.Module:
@@ -607,6 +725,24 @@ def load_entropy_model(path: str | None) -> nn.Module:
         lm = ByteLM.load_from_checkpoint(path, map_location="cpu")
     lm.eval().requires_grad_(False)
     return lm.model
+
+
+def load_frozen_vqvae(path: str, visual_vocab_size: int) -> torch.nn.Module:
+    """The VQ-VAE of ``vqvae_ckpt``, frozen, on CPU; its codebook must have ``visual_vocab_size`` codes."""
+    from neat_lightning.modules.vqvae import VQVAE
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"vqvae_ckpt={path!r} must be the path of a VQVAE checkpoint")
+    check_checkpoint_file(path, what=f"vqvae_ckpt={path!r}")
+    vqvae = VQVAE.load_from_checkpoint(path, map_location="cpu")
+    codebook = tuple(vqvae.codebook.shape)
+    if codebook[0] != visual_vocab_size:
+        raise ValueError(
+            f"vqvae_ckpt={path!r}: the VQVAE codebook has shape (codebook_size, embed_dim) = {codebook}, but this "
+            f"NeatModel is configured for visual_vocab_size={visual_vocab_size}, i.e. a codebook of shape "
+            f"({visual_vocab_size}, {codebook[1]}); set visual_vocab_size={codebook[0]} or use another VQVAE"
+        )
+    return vqvae.eval().requires_grad_(False)
 
 
 def exact_match_counts(

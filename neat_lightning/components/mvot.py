@@ -1,0 +1,267 @@
+"""MVoT: visual tokens in the byte stream (Li et al. 2025, "Imagine while Reasoning in Space: Multimodal
+Visualization-of-Thought", arXiv 2501.07542).
+
+Images enter the byte stream as VQ-VAE codes in their own id range after the 260 byte-codec ids::
+
+    0..259              byte codec (BOE, BOS, EOS, PAD, bytes)
+    260                 BOI  begin of image
+    261                 EOI  end of image
+    262..262 + K - 1    visual tokens: VQ-VAE code c is id 262 + c
+
+An image is ``BOI`` + its ``h * w`` codes in raster order + ``EOI``. This file holds the layout
+(:class:`VisualVocab`), the token discrepancy loss (:func:`token_discrepancy_loss`), the visualization-decision
+head, constrained decoding inside images (:func:`constrain_logits`, :func:`advance`) and :class:`MVoTPath`, the
+``nn.Module`` a model carries: the frozen VQ-VAE, the codebook distances and the decision head. Plain ``torch``;
+the VQ-VAE is any module with ``encode`` / ``decode`` / ``codebook_distances`` (``modules.VQVAE``).
+
+Axis legend: ``b`` batch, ``t`` positions, ``v`` vocabulary, ``k`` / ``j`` codes, ``h`` ``w`` token grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from neat_lightning.data.codec import PAD_ID, VOCAB_SIZE
+
+NO_IMAGE = -1  # decoding state of a row that is writing text (see :func:`advance`)
+
+
+@dataclass(frozen=True)
+class VisualVocab:
+    """The id layout of a byte stream with images of ``grid = (h, w)`` codes from a codebook of ``codebook_size``."""
+
+    codebook_size: int
+    grid: tuple[int, int] = (8, 8)
+    text_vocab: int = VOCAB_SIZE  # the byte codec's ids come first, unchanged
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 1:
+            raise ValueError(f"visual_vocab_size={self.codebook_size} must be >= 1")
+        h, w = self.grid
+        if h < 1 or w < 1:
+            raise ValueError(f"image token grid (h, w)={tuple(self.grid)} must be positive")
+
+    @property
+    def boi(self) -> int:
+        return self.text_vocab
+
+    @property
+    def eoi(self) -> int:
+        return self.text_vocab + 1
+
+    @property
+    def offset(self) -> int:
+        """Id of code 0."""
+        return self.text_vocab + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.offset + self.codebook_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def image_length(self) -> int:
+        """Ids of one image in the stream: BOI + h w codes + EOI."""
+        return self.tokens_per_image + 2
+
+    def is_visual(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.offset) & (ids < self.vocab_size)
+
+    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, h w + 2) ids: BOI, the codes in raster order, EOI."""
+        b = codes.shape[0]
+        flat = rearrange(codes, "b h w -> b (h w)") + self.offset
+        boi = torch.full((b, 1), self.boi, dtype=torch.long, device=codes.device)
+        eoi = torch.full((b, 1), self.eoi, dtype=torch.long, device=codes.device)
+        return torch.cat([boi, flat.long(), eoi], dim=1)
+
+    def codes_from_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, h w) visual ids -> (B, h, w) codes (ids outside the visual range are clamped into it)."""
+        h, w = self.grid
+        codes = (ids - self.offset).clamp(0, self.codebook_size - 1)
+        return rearrange(codes, "b (h w) -> b h w", h=h, w=w)
+
+    def segments(self, ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Split one stream (T,) into ``("text", ids)`` and ``("image", (h, w) codes)`` pieces, in order. An image
+        that is not exactly ``h w`` visual ids between BOI and EOI (e.g. cut off) is returned as ``("broken", ids)``.
+        A loop over the few images of one sequence (post-processing, not a forward pass)."""
+        ids = ids.reshape(-1).cpu()
+        marks = torch.nonzero((ids == self.boi) | (ids == self.eoi)).flatten().tolist()
+        out: list[tuple[str, torch.Tensor]] = []
+        pos, inside = 0, False
+        for m in marks + [len(ids)]:
+            piece = ids[pos:m]
+            if inside:
+                closed = m < len(ids) and int(ids[m]) == self.eoi
+                if closed and len(piece) == self.tokens_per_image and bool(self.is_visual(piece).all()):
+                    out.append(("image", self.codes_from_ids(piece[None])[0]))
+                else:
+                    out.append(("broken", piece))
+            elif len(piece):
+                out.append(("text", piece))
+            if m < len(ids):
+                inside = int(ids[m]) == self.boi
+            pos = m + 1
+        return out
+
+
+def token_discrepancy_loss(
+    logits: torch.Tensor, targets: torch.Tensor, distances: torch.Tensor, vocab: VisualVocab
+) -> torch.Tensor:
+    """MVoT's token discrepancy loss over the positions whose target is a visual token.
+
+    ``L_D = mean_i sum_j D[t_i, j] softmax(logits_i over visual tokens)_j`` (MVoT eq. 3): the expected codebook
+    distance between the target code and the predicted code distribution, so a near-miss costs less than a far one.
+
+    Args:
+        logits: (B, T, V) next-token logits over the whole vocabulary.
+        targets: (B, T) target ids.
+        distances: (K, K) distances between codebook embeddings (``VQVAE.codebook_distances()``).
+        vocab: the id layout.
+
+    Returns:
+        () float; 0 (still differentiable) when no target is visual.
+    """
+    visual = vocab.is_visual(targets)  # (B, T)
+    lo, hi = vocab.offset, vocab.vocab_size
+    probs = F.softmax(logits[visual][:, lo:hi].float(), dim=-1)  # (N, K)
+    rows = distances[targets[visual] - lo]  # (N, K) D[t_i, :]
+    per_position = (rows * probs).sum(-1)  # (N,)
+    if per_position.numel() == 0:
+        return logits.sum() * 0.0
+    return per_position.mean()
+
+
+def decision_targets(targets: torch.Tensor, vocab: VisualVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the visualization-decision head: at every position that writes text (target a byte-codec id
+    other than PAD, or BOI), ``1`` when the next token is BOI. Returns (B, T) float targets and (B, T) bool mask."""
+    text = (targets < vocab.text_vocab) & (targets != PAD_ID)
+    boi = targets == vocab.boi
+    return boi.float(), text | boi
+
+
+def constrain_logits(
+    logits: torch.Tensor, count: torch.Tensor, decide: torch.Tensor, vocab: VisualVocab
+) -> torch.Tensor:
+    """Mask next-token logits to what the grammar allows (MVoT's interleaved decoding).
+
+    * writing text (``count == NO_IMAGE``): BOI when the decision head says so (``decide``), else a byte-codec id;
+    * inside an image with ``count < h w`` codes written: a visual token;
+    * inside an image with all ``h w`` codes written: EOI.
+
+    Args:
+        logits: (B, V) next-token logits.
+        count: (B,) int64 codes written in the current image, or ``NO_IMAGE``.
+        decide: (B,) bool, the decision head's "emit an image now".
+        vocab: the id layout.
+
+    Returns:
+        (B, V) logits with disallowed ids at ``-inf``.
+    """
+    v = torch.arange(logits.shape[-1], device=logits.device)  # (V,)
+    text_ids = v < vocab.text_vocab
+    in_text = (count == NO_IMAGE)[:, None]
+    allowed = torch.where(
+        in_text,
+        torch.where(decide[:, None], v == vocab.boi, text_ids),
+        torch.where((count < vocab.tokens_per_image)[:, None], vocab.is_visual(v), v == vocab.eoi),
+    )  # (B, V)
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def advance(count: torch.Tensor, token: torch.Tensor, vocab: VisualVocab) -> torch.Tensor:
+    """Decoding state after ``token`` (B,): BOI opens an image (count 0), a visual token counts, EOI closes it."""
+    count = torch.where(vocab.is_visual(token) & (count >= 0), count + 1, count)
+    count = torch.where(token == vocab.boi, torch.zeros_like(count), count)
+    return torch.where(token == vocab.eoi, torch.full_like(count, NO_IMAGE), count)
+
+
+def image_counts(ids: torch.Tensor, vocab: VisualVocab) -> torch.Tensor:
+    """Decoding state at the end of prompts (B, T): codes written in the open image, or ``NO_IMAGE``."""
+    t = ids.shape[1]
+    pos = torch.arange(t, device=ids.device)
+    last_boi = torch.where(ids == vocab.boi, pos, -1).amax(dim=1)  # (B,)
+    last_eoi = torch.where(ids == vocab.eoi, pos, -1).amax(dim=1)
+    inside = last_boi > last_eoi
+    return torch.where(inside, t - 1 - last_boi, torch.full_like(last_boi, NO_IMAGE))
+
+
+class FrozenModule(nn.Module):
+    """Holds a module that stays frozen and in eval mode whatever ``train()`` the parent calls."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        super().train(False)
+        return self
+
+
+class MVoTPath(nn.Module):
+    """The visual-token path of a byte model: frozen VQ-VAE, codebook distances, visualization-decision head.
+
+    Args:
+        vqvae: a trained VQ-VAE (``encode``, ``decode``, ``codebook_distances``, ``codebook_size``); frozen here.
+        dim: the model width the decision head reads.
+        grid: (h, w) tokens per image.
+    """
+
+    def __init__(self, vqvae: nn.Module, dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.vocab = VisualVocab(int(vqvae.codebook_size), tuple(grid))
+        self.frozen = FrozenModule(vqvae)
+        # a buffer of the state dict: a checkpoint keeps the distances it was trained with
+        self.register_buffer("distances", vqvae.codebook_distances().float().clone())
+        self.decision = nn.Linear(dim, 1)  # hidden (B, T, C) -> logit of "the next token is BOI"
+
+    @property
+    def vqvae(self) -> nn.Module:
+        return self.frozen.module
+
+    def losses(self, logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_D, the decision head's BCE, and (detached) counts for accuracies.
+
+        Args:
+            logits: (B, T, V) next-token logits; hidden: (B, T, C) final hidden states; targets: (B, T) ids.
+
+        Returns:
+            ``loss_d`` (), ``decision_loss`` (), ``visual_correct`` / ``visual_total`` (argmax hits over visual
+            targets), ``decision_correct`` / ``decision_total``.
+        """
+        loss_d = token_discrepancy_loss(logits, targets, self.distances, self.vocab)
+        decision_logits = self.decision(hidden).squeeze(-1)  # (B, T)
+        want, mask = decision_targets(targets, self.vocab)
+        n = mask.sum()
+        bce = F.binary_cross_entropy_with_logits(decision_logits.float(), want, reduction="none")
+        decision_loss = (bce * mask).sum() / n.clamp_min(1)
+        visual = self.vocab.is_visual(targets)
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == targets) & visual
+            decided = ((decision_logits > 0) == want.bool()) & mask
+        return {
+            "loss_d": loss_d,
+            "decision_loss": decision_loss,
+            "visual_correct": hit.sum(),
+            "visual_total": visual.sum(),
+            "decision_correct": decided.sum(),
+            "decision_total": n,
+        }
+
+    @torch.no_grad()
+    def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, 3, H, W) images in [0, 1] through the frozen VQ-VAE."""
+        return self.vqvae.decode(codes)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> (B, h w + 2) image ids (BOI, codes, EOI)."""
+        return self.vocab.image_ids(self.vqvae.encode(images))
