@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim-memory", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--max-lr", type=float, default=1.0, help="upper bound of the memory's inner step θ")
+    p.add_argument("--conv-kernel", type=int, default=4, help="causal depthwise conv over the memory's q/k/v (0: none)")
+    p.add_argument("--readout-gate", action="store_true", help="also add the readouts to the residual (gated)")
+    p.add_argument("--gap-warmup", type=int, default=0,
+                   help="curriculum: batches over which the largest training gap grows from MIN to MAX")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--jobs", type=int, default=2, help="variants trained in parallel (separate processes)")
@@ -80,6 +84,7 @@ def build_model(args: argparse.Namespace, variant: str):
     tc = TitansConfig(
         dim_memory=args.dim_memory, memory_depth=args.memory_depth, memory_expansion=2.0,
         chunk_size=args.chunk_size, persistent_tokens=4, memory_size=256, max_lr=args.max_lr,
+        conv_kernel=args.conv_kernel, readout_gate=args.readout_gate,
     )
     return NeatModel(
         dim=args.dim, n_layers=args.layers, heads=4, block_size=args.block_size, window=args.window,
@@ -126,6 +131,7 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
         data = MathDataModule(
             tasks=["temporal_gap"], difficulties=[2], gap_range=tuple(args.train_gaps), n_facts=args.n_facts,
             block_size=args.block_size, batch_size=args.batch_size, batches_per_epoch=args.steps, seed=args.seed,
+            gap_warmup=args.gap_warmup,
         )
         from lightning.pytorch.callbacks import Callback
 

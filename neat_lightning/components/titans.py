@@ -56,8 +56,13 @@ class TitansConfig:
     importance_decay: float = 0.99  # episodic importance fades by this factor each time new items are stored
     init_forget_bias: float = -6.0  # sigmoid(-6) ≈ 0.0025: almost no forgetting at the start
     init_lr_bias: float = -2.0  # sigmoid(-2) ≈ 0.12 · max_lr initial inner step
+    conv_kernel: int = 4  # causal depthwise conv over q/k/v after their projections (§4.4); 0 = none
+    readout_gate: bool = False  # also add the readouts to the residual stream through a learned per-channel gate
+    readout_gate_init: float = 1.0  # its initial value (open: a closed gate would starve the memory of gradient)
 
     def __post_init__(self) -> None:
+        if self.conv_kernel < 0:
+            raise ValueError(f"TitansConfig.conv_kernel={self.conv_kernel} must be >= 0 (0 = no convolution)")
         for name in ("memory_depth", "chunk_size", "memory_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TitansConfig.{name}={getattr(self, name)} must be >= 1")
@@ -185,6 +190,10 @@ class NeuralMemory(nn.Module):
         self.to_k = nn.Linear(dim, dm, bias=False)
         self.to_v = nn.Linear(dim, dm, bias=False)
         self.to_out = nn.Linear(dm, dim, bias=False)
+        # short causal depthwise conv over [q | k | v] (Titans §4.4, as in modern linear-attention memories): the key
+        # written at a token then also holds the few bytes before it, so one layer can bind "cat=" -> "7"
+        k = config.conv_kernel
+        self.conv = nn.Conv1d(3 * dm, 3 * dm, k, groups=3 * dm, bias=False) if k else None
         self.to_lr = nn.Linear(dim, 1)  # θ_t, per token
         self.to_momentum = nn.Linear(dim, 1)  # η_n, per chunk
         self.to_forget = nn.Linear(dim, 1)  # α_n, per chunk
@@ -206,6 +215,10 @@ class NeuralMemory(nn.Module):
                 nn.init.normal_(w, std=0.02)  # the residual MLP starts near identity
             else:
                 nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[0]))
+        if self.conv is not None:  # start as the identity on the current token plus a little of the previous ones
+            nn.init.normal_(self.conv.weight, std=0.1)
+            with torch.no_grad():
+                self.conv.weight[:, 0, -1] += 1.0
         for lin in (self.to_lr, self.to_momentum, self.to_forget):
             nn.init.zeros_(lin.weight)
         nn.init.constant_(self.to_lr.bias, cfg.init_lr_bias)
@@ -220,6 +233,21 @@ class NeuralMemory(nn.Module):
         return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
 
     # -- store / retrieve ------------------------------------------------------------------------------------------
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> l2-normalised queries and keys, values (each (B, T, d)) and inner steps θ (B, T).
+
+        With ``conv_kernel`` the projections pass a causal depthwise convolution first (each segment starts from
+        zero padding: the convolution does not reach into a previous call's tokens).
+        """
+        qkv = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=-1)  # (B, T, 3d)
+        if self.conv is not None:
+            qkv = rearrange(qkv, "b t d -> b d t")
+            qkv = rearrange(self.conv(F.pad(qkv, (self.conv.kernel_size[0] - 1, 0))), "b d t -> b t d")
+        q, k, v = qkv.chunk(3, dim=-1)
+        lr = self.config.max_lr * torch.sigmoid(self.to_lr(x)).squeeze(-1)  # (B, T)
+        # l2-normalised queries and keys (as in the paper, §3.1)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, lr
 
     def forward(
         self, x: torch.Tensor, state: MemoryState | None = None, record: bool = False
@@ -242,10 +270,7 @@ class NeuralMemory(nn.Module):
         pad = n * c - t
         state = state if state is not None else self.initial_state(b)
 
-        q = F.normalize(self.to_q(x), dim=-1)  # l2-normalised queries and keys (as in the paper, §3.1)
-        k = F.normalize(self.to_k(x), dim=-1)
-        v = self.to_v(x)
-        lr = cfg.max_lr * torch.sigmoid(self.to_lr(x)).squeeze(-1)  # (B, T)
+        q, k, v, lr = self.project(x)
         if pad:  # padded positions store nothing (θ = 0) and their readouts are dropped
             q, k, v = (F.pad(z, (0, 0, 0, pad)) for z in (q, k, v))
             lr = F.pad(lr, (0, pad))
@@ -363,6 +388,10 @@ class MemoryBlock(Block):
         self.titans = titans
         self.memory = NeuralMemory(config.dim, titans)
         self.persistent = nn.Parameter(torch.randn(titans.persistent_tokens, config.dim) * 0.02)
+        # optional direct path of the readouts into the residual stream, besides the attention over them
+        self.readout_gate = (
+            nn.Parameter(torch.full((config.dim,), titans.readout_gate_init)) if titans.readout_gate else None
+        )
         self.memory_active = True
 
     def forward(self, x, cos, sin, positions, cache=None) -> torch.Tensor:
@@ -394,6 +423,8 @@ class MemoryBlock(Block):
         h = self.norm1(x)
         readout, next_state, stats = self.memory(h, state, record=record)  # (B, T, C)
         x = x + self.drop(self.mac_attention(h, readout, cos, sin, positions))
+        if self.readout_gate is not None:
+            x = x + self.drop(self.readout_gate * readout)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, next_state, stats
 

@@ -421,6 +421,10 @@ class ProblemBatches(StepAlignedBatches):
     Each row draws its task uniformly from ``tasks``, its difficulty from ``difficulties`` and, for memory tasks,
     its gap uniformly from ``gap_range``. Training iterators start at ``start_batch`` and run to the end of that
     batch's epoch (see :class:`neat_lightning.data.bytes.RandomWindowBatches`).
+
+    Curriculum: with ``gap_warmup > 0`` the largest gap of batch ``k`` grows linearly from ``gap_range[0]`` to
+    ``gap_range[1]`` over the first ``gap_warmup`` batches (short gaps — inside the attention window — first);
+    it is a function of ``k`` alone, so resumed runs see the same gaps.
     """
 
     def __init__(
@@ -434,8 +438,12 @@ class ProblemBatches(StepAlignedBatches):
         n_batches: int,
         seed: int,
         split: str,
+        gap_warmup: int = 0,
     ) -> None:
         super().__init__(n_batches)
+        if gap_warmup < 0:
+            raise ValueError(f"gap_warmup={gap_warmup} must be >= 0")
+        self.gap_warmup = gap_warmup
         self.tasks, self.difficulties, self.gap_range, self.n_facts = list(tasks), list(difficulties), gap_range, n_facts
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.split = seed, split
@@ -445,11 +453,19 @@ class ProblemBatches(StepAlignedBatches):
     def n_batches(self) -> int:
         return self.batches_per_epoch
 
+    def max_gap(self, k: int) -> int:
+        """The largest gap batch ``k`` draws (the curriculum; ``gap_range[1]`` once warm-up is over)."""
+        lo, hi = self.gap_range
+        if self.gap_warmup == 0:
+            return hi
+        return lo + round((hi - lo) * min(1.0, (k + 1) / self.gap_warmup))
+
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         rows_ids, rows_ans, rows_task = [], [], []
+        lo, hi = self.gap_range[0], self.max_gap(k)
         for r in range(self.batch_size):
             rng = rng_for(self.split, self.seed, k, self.rank, r)
-            spec = RowSpec(rng.choice(self.tasks), rng.choice(self.difficulties), rng.randint(*self.gap_range))
+            spec = RowSpec(rng.choice(self.tasks), rng.choice(self.difficulties), rng.randint(lo, hi))
             ids, ans = build_row(spec, self.block_size + 1, rng, self.n_facts)
             rows_ids.append(ids)
             rows_ans.append(ans)
@@ -476,6 +492,8 @@ class MathDataModule(L.LightningDataModule):
         seed: seed of the training stream.
         val_seed: seed of the held-out validation set.
         num_workers: DataLoader worker processes.
+        gap_warmup: training batches over which the largest memory-task gap grows from ``gap_range[0]`` to
+            ``gap_range[1]`` (a curriculum); 0 draws from the whole range from the start. Validation always does.
     """
 
     def __init__(
@@ -491,8 +509,11 @@ class MathDataModule(L.LightningDataModule):
         seed: int = 1234,
         val_seed: int = 99_991,
         num_workers: int = 0,
+        gap_warmup: int = 0,
     ) -> None:
         super().__init__()
+        if gap_warmup < 0:
+            raise ValueError(f"gap_warmup={gap_warmup} must be >= 0")
         if not tasks:
             raise ValueError("tasks=[] must name at least one task type")
         for t in tasks:
@@ -530,12 +551,14 @@ class MathDataModule(L.LightningDataModule):
         self.block_size, self.batch_size = block_size, batch_size
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
         self.seed, self.val_seed, self.num_workers = seed, val_seed, num_workers
+        self.gap_warmup = gap_warmup
 
     def dataset(self, split: str) -> ProblemBatches:
         train = split == "train"
         return ProblemBatches(
             self.tasks, self.difficulties, self.gap_range, self.n_facts, self.block_size, self.batch_size,
             self.batches_per_epoch if train else self.val_batches, self.seed if train else self.val_seed, split,
+            self.gap_warmup if train else 0,
         )
 
     def _place(self, ds: ProblemBatches, train: bool) -> None:

@@ -30,10 +30,8 @@ def test_linear_scan_matches_the_recurrence(n):
 
 def reference_memory(mem: NeuralMemory, x: torch.Tensor):
     """Eq. (10), (12), (13) with Python loops over chunks and autograd: the fast weights after each chunk."""
-    cfg, c = mem.config, mem.config.chunk_size
-    k = torch.nn.functional.normalize(mem.to_k(x), dim=-1)
-    v = mem.to_v(x)
-    lr = cfg.max_lr * torch.sigmoid(mem.to_lr(x)).squeeze(-1)
+    c = mem.config.chunk_size
+    _, k, v, lr = mem.project(x)  # projections (and the causal conv) are per token; the recurrence is checked here
     out = []
     for b in range(x.shape[0]):
         w0 = [w.detach().clone().requires_grad_(True) for w in mem.weights]
@@ -65,7 +63,7 @@ def test_chunked_vectorised_updates_match_a_loop_reference(depth, t):
         for w, w_ref in zip(state.weights, ref[b][-1]):
             torch.testing.assert_close(w[b], w_ref, rtol=1e-4, atol=1e-5)
     # chunk n reads the weights after chunk n - 1: the last chunk reads ref[-2]
-    q = torch.nn.functional.normalize(mem.to_q(x), dim=-1)
+    q = mem.project(x)[0]
     last = (t - 1) // 8 * 8
     expected = mem.to_out(memory_mlp(tuple(w[None] for w in ref[0][-2]), q[:1, last:])) if t > 8 else None
     if expected is not None:
@@ -150,12 +148,46 @@ def test_record_during_forward_fills_the_buffer():
     assert int((mem.episodic_importance > 0).sum()) == 12
 
 
+def test_causal_conv_puts_the_previous_bytes_into_a_key_and_never_the_next_ones():
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, TitansConfig(dim_memory=8, chunk_size=4, memory_size=4, conv_kernel=3))
+    x = torch.randn(1, 10, 16)
+    q, k, v, _ = mem.project(x)
+    x2 = x.clone()
+    x2[:, 5] = torch.randn(16)  # byte 5 reaches the keys of bytes 5, 6, 7 and no others
+    q2, k2, v2, _ = mem.project(x2)
+    changed = [t for t in range(10) if not torch.allclose(k[0, t], k2[0, t])]
+    assert changed == [5, 6, 7] and torch.allclose(q[:, :5], q2[:, :5]) and torch.allclose(v[:, 8:], v2[:, 8:])
+    plain = NeuralMemory(16, TitansConfig(dim_memory=8, chunk_size=4, memory_size=4, conv_kernel=0))
+    assert plain.conv is None
+    assert [t for t in range(10) if not torch.allclose(plain.project(x)[1][0, t], plain.project(x2)[1][0, t])] == [5]
+
+
+def test_readout_gate_adds_the_readouts_to_the_residual_stream():
+    cfg = TransformerConfig(dim=16, heads=2, window=6, n_layers=1)
+    tc = TitansConfig(chunk_size=4, persistent_tokens=2, memory_size=8, dim_memory=8)
+    torch.manual_seed(0)
+    gated = MemoryBlock(cfg, TitansConfig(**{**tc.__dict__, "readout_gate": True}))
+    plain = MemoryBlock(cfg, tc)
+    plain.load_state_dict(gated.state_dict(), strict=False)
+    x = torch.randn(2, 13, 16)
+    assert torch.equal(gated.readout_gate, torch.ones(16))  # open from the start
+    out = gated.forward_memory(x, *_rope(13))[0]
+    assert not torch.allclose(out, plain.forward_memory(x, *_rope(13))[0])
+    out.pow(2).mean().backward()
+    assert gated.readout_gate.grad.abs().sum() > 0 and gated.memory.to_q.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        gated.readout_gate.zero_()  # a closed gate adds exactly nothing
+    assert torch.equal(gated.forward_memory(x, *_rope(13))[0], plain.forward_memory(x, *_rope(13))[0])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"chunk_size": 0}, r"TitansConfig.chunk_size=0 must be >= 1"),
      ({"persistent_tokens": -1}, r"TitansConfig.persistent_tokens=-1 must be >= 0"),
      ({"importance_decay": 0.0}, r"TitansConfig.importance_decay=0.0 must be in \(0, 1\]"),
-     ({"max_lr": 0}, r"TitansConfig.max_lr=0 must be > 0")],
+     ({"max_lr": 0}, r"TitansConfig.max_lr=0 must be > 0"),
+     ({"conv_kernel": -1}, r"TitansConfig.conv_kernel=-1 must be >= 0")],
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

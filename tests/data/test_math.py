@@ -144,6 +144,22 @@ def test_datamodule_batches_are_pure_functions_of_the_index():
     assert ((b["ids"] != PAD_ID) | (b["answer_ids"] == 0)).all()
 
 
+def test_gap_curriculum_grows_the_largest_gap_with_the_batch_index():
+    kwargs = dict(tasks=["temporal_gap"], difficulties=[2], n_facts=1, block_size=160, batch_size=16, gap_range=(4, 100))
+    plain = MathDataModule(**kwargs).dataset("train")
+    ds = MathDataModule(**kwargs, gap_warmup=10).dataset("train")
+    overhead = len(encode_problem(generate_problem("temporal_gap", 2, random.Random(0), gap=0, n_facts=1))[0])
+    gaps = {k: (ds.batch(k)["ids"] != PAD_ID).sum(dim=1) - overhead for k in (0, 4, 9, 30)}
+    assert [ds.max_gap(k) for k in (0, 4, 9, 30)] == [14, 52, 100, 100]
+    assert all(4 <= int(g.min()) and int(g.max()) <= ds.max_gap(k) for k, g in gaps.items())
+    assert int(gaps[0].max()) < 20 < int(gaps[30].max())
+    # after the warm-up (and without one) the batches are the plain ones; validation never warms up
+    assert torch.equal(ds.batch(30)["ids"], plain.batch(30)["ids"])
+    assert MathDataModule(**kwargs, gap_warmup=10).dataset("val").gap_warmup == 0
+    with pytest.raises(ValueError, match=r"gap_warmup=-1 must be >= 0"):
+        MathDataModule(**kwargs, gap_warmup=-1)
+
+
 def test_datamodule_math_rows_hold_one_task_type():
     dm = MathDataModule(tasks=list(MATH_TASKS), difficulties=[1], block_size=128, batch_size=4)
     b = dm.dataset("train").batch(0)
