@@ -168,7 +168,7 @@ def save_vqvae_checkpoint(vqvae: L.LightningModule, path: str | Path) -> Path:
     return path
 
 
-def load_vqvae(path: str, field: str = "vqvae_ckpt") -> nn.Module:
+def load_vqvae(path: str, field: str = "tokenizer_ckpt") -> nn.Module:
     from neat_lightning.modules.base import check_checkpoint_file
     from neat_lightning.modules.vqvae import VQVAE
 
@@ -180,7 +180,7 @@ def load_vqvae(path: str, field: str = "vqvae_ckpt") -> nn.Module:
 class MultimodalDataModule(L.LightningDataModule):
     """Interleaved "text action -> next-state image" rows of grid-world episodes for NeatModel's MVoT path.
 
-    The VQ-VAE that tokenises the images is ``vqvae_ckpt``, or — when that is ``None`` — the frozen VQ-VAE of the
+    The VQ-VAE that tokenises the images is ``tokenizer_ckpt``, or — when that is ``None`` — the frozen VQ-VAE of the
     model being trained (``trainer.lightning_module.mvot``), so a config names the checkpoint once, in the model.
     :meth:`set_vqvae` sets one directly (scripts, notebooks).
 
@@ -195,7 +195,8 @@ class MultimodalDataModule(L.LightningDataModule):
         val_rows: rows of the held-out validation set.
         seed: seed of the training stream.
         val_seed: seed of the validation episodes (another seed space: held-out episodes).
-        vqvae_ckpt: the VQ-VAE checkpoint; ``None`` to take the model's.
+        tokenizer_ckpt: a VQ-VAE checkpoint to tokenise with; ``None`` to take the model's (a different name from
+            the model's ``vqvae_ckpt``: Lightning refuses equal hyperparameter names with different values).
         num_workers: DataLoader worker processes.
     """
 
@@ -211,7 +212,7 @@ class MultimodalDataModule(L.LightningDataModule):
         val_rows: int = 64,
         seed: int = 1234,
         val_seed: int = 999_983,
-        vqvae_ckpt: str | None = None,
+        tokenizer_ckpt: str | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -232,13 +233,13 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"max_steps_per_row={max_steps_per_row} must be >= 1 or None")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
-        if vqvae_ckpt is not None and not Path(vqvae_ckpt).is_file():
-            raise FileNotFoundError(f"vqvae_ckpt: no such file: {vqvae_ckpt!r}")
+        if tokenizer_ckpt is not None and not Path(tokenizer_ckpt).is_file():
+            raise FileNotFoundError(f"tokenizer_ckpt: no such file: {tokenizer_ckpt!r}")
         self.save_hyperparameters()
         self.families, self.grid_size, self.image_size = list(families), grid_size, image_size
         self.block_size, self.max_steps = block_size, max_steps_per_row
         self.batch_size, self.batches_per_epoch, self.val_rows = batch_size, batches_per_epoch, val_rows
-        self.seed, self.val_seed, self.vqvae_ckpt, self.num_workers = seed, val_seed, vqvae_ckpt, num_workers
+        self.seed, self.val_seed, self.tokenizer_ckpt, self.num_workers = seed, val_seed, tokenizer_ckpt, num_workers
         self.tokenizer: EpisodeTokenizer | None = None
         self.val_set: torch.Tensor | None = None
 
@@ -249,23 +250,23 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _model_vqvae(self) -> nn.Module:
         model = self.trainer.lightning_module if self.trainer is not None else None
-        path = getattr(model, "mvot", None)
-        if path is None:
+        mvot = getattr(model, "mvot", None)
+        if mvot is None:
             raise ValueError(
-                "MultimodalDataModule needs a VQ-VAE: set data vqvae_ckpt, call set_vqvae(), or train a model with "
+                "MultimodalDataModule needs a VQ-VAE: set tokenizer_ckpt, call set_vqvae(), or train a model with "
                 f"an MVoT path (NeatModel mvot=True); the model is {type(model).__name__}"
             )
-        return path.vqvae
+        return mvot.vqvae
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            vqvae = load_vqvae(self.vqvae_ckpt) if self.vqvae_ckpt is not None else self._model_vqvae()
+            vqvae = self._model_vqvae() if self.tokenizer_ckpt is None else load_vqvae(self.tokenizer_ckpt)
             self.set_vqvae(vqvae)
         model = self.trainer.lightning_module if self.trainer is not None else None
         mvot = getattr(model, "mvot", None)
         if mvot is not None and mvot.vocab != self.tokenizer.vocab:
             raise ValueError(f"the data's image tokens {self.tokenizer.vocab} do not match the model's {mvot.vocab} "
-                             "(vqvae_ckpt / image_size of data and model)")
+                             "(vqvae_ckpt / tokenizer_ckpt, image_size)")
         if self.val_set is None:
             self.val_set = self.rows("mm-val", self.val_seed, self.val_rows)
 

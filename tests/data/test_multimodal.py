@@ -89,14 +89,14 @@ def test_bad_settings_are_named(vqvae, tmp_path):
         MultimodalDataModule(families=["chess"])
     with pytest.raises(ValueError, match=r"image_size=30 must be a multiple of grid_size=8"):
         MultimodalDataModule(image_size=30)
-    with pytest.raises(FileNotFoundError, match=r"vqvae_ckpt: no such file: '.*nope.ckpt'"):
-        MultimodalDataModule(vqvae_ckpt=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(FileNotFoundError, match=r"tokenizer_ckpt: no such file: '.*nope.ckpt'"):
+        MultimodalDataModule(tokenizer_ckpt=str(tmp_path / "nope.ckpt"))
     with pytest.raises(ValueError, match=r"block_size=100 is too short for one step of a maze episode: it needs"):
         data(vqvae, block_size=100)
     with pytest.raises(ValueError, match=r"MultimodalDataModule needs a VQ-VAE"):
         MultimodalDataModule().setup("fit")
     path = save_vqvae_checkpoint(vqvae, tmp_path / "vq.ckpt")
-    dm = MultimodalDataModule(vqvae_ckpt=str(path), block_size=200, val_rows=2)
+    dm = MultimodalDataModule(tokenizer_ckpt=str(path), block_size=200, val_rows=2)
     dm.setup("fit")
     assert dm.tokenizer.vocab.codebook_size == 16
     assert generate_episode("maze", 1).actions  # episodes always have a step to predict
