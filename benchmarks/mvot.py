@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
-        results = [r for part in parts for r in part["results"]]
-        out = {**parts[0], "results": results}
+        keep = ("command", "config", "load_average_at_end", "peak_rss_mib")  # per run: parts may differ
+        results = [{**r, **{k: part[k] for k in keep}} for part in parts for r in part["results"]]
+        out = {k: v for k, v in parts[0].items() if k not in keep} | {"results": results}
     else:
         if not args.vqvae_ckpt.is_file():
             print(f"--vqvae-ckpt {args.vqvae_ckpt}: no such file; train one with\n"
