@@ -62,6 +62,13 @@ def case_step(case: dict) -> dict:
     rss0 = current_rss_bytes()
     kw = model_kwargs(case)
     model = LatticeNetwork(**kw)
+    if case.get("steps_override"):
+        # fewer lattice steps than depth - 1 (which the module refuses, since the input cannot reach the output
+        # face): only to measure the per-step cost of a lattice too slow to run T = D - 1 steps on this CPU
+        import dataclasses
+
+        kw["steps"] = case["steps_override"]
+        model.config = dataclasses.replace(model.config, steps=kw["steps"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     B = case.get("batch", 1)
     question = torch.randint(4, 200, (B, 40))
@@ -180,6 +187,14 @@ def table(rows: list[dict]) -> None:
               f"{r['estimate_gib']:>9.2f} {r['estimate_gib'] / r['peak_rss_gib']:>8.2f}")
 
 
+def estimate_gib(steps: int, **kw) -> float:
+    from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
+
+    cfg = MemoryConfig(size=(96, 128, 128), channels=16, steps=steps, checkpoint_every=SAVERS["checkpoint_every"],
+                       stencil="shift", **kw)
+    return estimate_memory(cfg) / GIB
+
+
 SAVERS = {"stencil": "shift", "checkpoint_every": 3, "precision": "bf16-mixed"}
 NO_SAVERS = {"stencil": "sparse", "checkpoint_every": 0, "precision": "32-true"}
 
@@ -190,7 +205,8 @@ def main() -> None:
     parser.add_argument("--case", help="run one case (JSON) in this process and print its result")
     parser.add_argument("--rss-limit-gib", type=float, default=17.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
-    parser.add_argument("--full-steps", type=int, default=None, help="lattice steps of the full-size case (D - 1)")
+    parser.add_argument("--full-steps", type=int, nargs="+", default=None,
+                        help="lattice steps of the full-size cases (default 6 12)")
     args = parser.parse_args()
     if args.case:
         case = json.loads(args.case)
@@ -202,10 +218,24 @@ def main() -> None:
         cases.append({"size": [48, 64, 64], "channels": 16, **SAVERS})
         rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
     elif args.part == "full":
-        # fp32: this CPU has no bf16 units (bf16 matmuls are emulated and slower); memory savers = shift + ckpt
-        case = {"size": [96, 128, 128], "channels": 16, "steps": args.full_steps, "repeats": 0, **SAVERS,
-                "precision": "32-true"}
-        rows = [run_guarded(case, args.rss_limit_gib, args.timeout_s)]
+        # fp32: this CPU has no bf16 units (bf16 matmuls are emulated and slower); memory savers = shift + ckpt.
+        # T = 95 steps take over an hour per training step here, so T = 6 and 12 give the per-step slope
+        cases = [{"size": [96, 128, 128], "channels": 16, "steps_override": t, "repeats": 0, **SAVERS,
+                  "precision": "32-true"} for t in (args.full_steps or [6, 12])]
+        rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
+        ok = [r for r in rows if "error" not in r]
+        if len(ok) >= 2:
+            a, b = ok[0], ok[-1]
+            dt = (b["s_per_step"] - a["s_per_step"]) / (b["steps"] - a["steps"])
+            dm = (b["peak_rss_gib"] - a["peak_rss_gib"]) / (b["steps"] - a["steps"])
+            T = 95
+            extra = {"size": [96, 128, 128], "steps": T, "extrapolated": True, "stencil": "shift",
+                     "checkpoint_every": SAVERS["checkpoint_every"], "precision": "32-true",
+                     "s_per_step": b["s_per_step"] + dt * (T - b["steps"]),
+                     "peak_rss_gib": b["peak_rss_gib"] + dm * (T - b["steps"]), "estimate_gib": estimate_gib(T)}
+            rows.append(extra)
+            print(f"extrapolated to T={T}: {extra['s_per_step']:.0f} s/step, peak {extra['peak_rss_gib']:.2f} GiB "
+                  f"(estimate {extra['estimate_gib']:.2f} GiB)")
     elif args.part == "savers":
         size = [32, 48, 48]
         rows = [run_guarded({"size": size, "channels": 16, **v}, args.rss_limit_gib, args.timeout_s)

@@ -104,6 +104,15 @@ def spawn_carriers(config: EnergyFlowConfig, batch: int, device=None, dtype=torc
     )
 
 
+def respawn(carriers: Carriers, config: EnergyFlowConfig, generator: torch.Generator | None = None) -> Carriers:
+    """Replace stopped carriers by fresh ones on the input face (one vectorised draw for all), for long runs."""
+    dead = ~carriers.alive  # (B, P)
+    fresh = spawn_carriers(config, carriers.alive.shape[0], carriers.position.device, carriers.position.dtype,
+                           generator)
+    pick = lambda new, old: torch.where(dead.reshape(*dead.shape, *[1] * (old.dim() - 2)), new, old)  # noqa: E731
+    return Carriers(*(pick(n, o) for n, o in zip(vars(fresh).values(), vars(carriers).values())))
+
+
 class EnergyFlow(nn.Module):
     """Learned carrier dynamics: a GRU cell over (cell read, position memory, energy), a move head and a write head,
     shared by every carrier."""
@@ -128,11 +137,13 @@ class EnergyFlow(nn.Module):
         read = rearrange(cells, "b n c -> (b n) c")[flat]  # (B·P, C)
         x = torch.cat([read, rearrange(carriers.memory, "b p m x -> (b p) (m x)"),
                        rearrange(carriers.energy, "b p -> (b p) 1")], dim=-1)
-        live = rearrange(carriers.alive, "b p -> (b p) 1").to(cells.dtype)
+        alive = rearrange(carriers.alive, "b p -> (b p) 1")
+        live = alive.to(cells.dtype)
         h_old = rearrange(carriers.hidden, "b p s -> (b p) s")
-        h = live * self.cell(x, h_old) + (1 - live) * h_old  # (B·P, S); stopped carriers keep their state
-        deposit = self.write(h) * rearrange(carriers.energy, "b p -> (b p) 1") * live  # (B·P, C)
-        cells = rearrange(rearrange(cells, "b n c -> (b n) c").index_add(0, flat, deposit), "(b n) c -> b n c", b=B)
+        h = torch.where(alive, self.cell(x, h_old), h_old)  # (B·P, S); stopped carriers keep their state
+        deposit = self.write(h) * (rearrange(carriers.energy, "b p -> (b p) 1") * live)  # (B·P, C)
+        # in place: the read above saved only the index, so autograd allows it (and it saves a copy of the lattice)
+        cells = rearrange(rearrange(cells, "b n c -> (b n) c").index_add_(0, flat, deposit), "(b n) c -> b n c", b=B)
         # move: clamp the displacement before applying it, the position after
         limit = cfg.max_step * (1 + cfg.drift)
         drift = torch.tensor([cfg.drift, 0.0, 0.0], device=h.device, dtype=h.dtype)
@@ -160,7 +171,7 @@ class EnergyFlow(nn.Module):
         cfg = self.config
         B, n_face, C = input_face.shape
         N = cfg.depth * cfg.height * cfg.width
-        cells = torch.cat([input_face, input_face.new_zeros(B, N - n_face, C)], dim=1)
+        cells = torch.cat([input_face, input_face.new_zeros(B, N - n_face, C)], dim=1)  # a fresh tensor: written in place
         carriers = spawn_carriers(cfg, B, input_face.device, input_face.dtype, generator)
         for _ in range(cfg.steps if steps is None else steps):  # over time steps, vectorised over carriers
             cells, carriers = self.step(cells, carriers)

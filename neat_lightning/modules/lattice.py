@@ -54,7 +54,7 @@ from neat_lightning.components.plasticity import (
     profile_by_name,
 )
 from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
-from neat_lightning.modules.base import NeatModule
+from neat_lightning.modules.base import STRUCTURE_KEY, NeatModule
 from neat_lightning.modules.optim import default_adamw
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,9 @@ class LatticeNetwork(NeatModule):
             {
                 "size": list(self.config.size),
                 "steps": int(self.config.steps),
+                # the mode's fields: load_from_checkpoint(path, **overrides) rewrites the checkpoint's hparams, not
+                # this record, so a mismatch can still be named on load
+                "fields": {f: self.hparams[f] for f in MODE_FIELDS},
                 "profile": dataclasses.asdict(self.profile),
                 "clustering": bool(self.clustering_enabled),
             },
@@ -316,7 +319,7 @@ class LatticeNetwork(NeatModule):
         return freed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = checkpoint.get(STRUCTURE_KEY, {}).get(STRUCTURE_NAME, {}).get("fields", {})
         for field in MODE_FIELDS:
             if field in saved and saved[field] != self.hparams.get(field):
                 raise ValueError(

@@ -131,3 +131,73 @@ def test_resume_is_exact(tmp_path, use_lattice):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.profile == full.profile and resumed.sparsity == full.sparsity
+
+
+def test_transport_lattice_answers_depend_on_the_question_at_init():
+    """The quickstart's rule init and rotary decoder: at initialisation the output face already differs between
+    questions (the default init makes it ~1e-8 apart at depth 15), and a checkpoint restores the same model."""
+    torch.manual_seed(0)
+    kw = {**TINY, "depth": 5, "steps": 5, "fire_rate": 1.0, "depth_taps": True, "rule_init": "transport",
+          "decoder_cell_rope": True}
+    m = LatticeNetwork(**kw).eval()
+    q = torch.randint(4, 260, (2, 24))
+    memory, state, _ = m.encode_questions(q)
+    face = m.encoder(q, 3)
+    assert torch.allclose(state[-24:].transpose(0, 1), face, atol=1e-5)  # the input face, 4 planes on
+    assert (memory[0] - memory[1]).abs().mean() > 0.1
+    m2 = LatticeNetwork(**kw)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2.eval()(q, q[:, :5]), m(q, q[:, :5]))
+
+
+# -- scale (issue 6): stencils without index buffers, activation checkpointing, energy-flow mode --------------------
+
+
+def test_shift_stencil_and_checkpointing_match_the_sparse_step():
+    """stencil="shift" and checkpoint_every=2 give the same loss and gradients as the CSR path without
+    checkpointing (same random firing masks)."""
+    q, a = torch.randint(4, 100, (2, 24)), torch.randint(4, 100, (2, 6))
+    grads = []
+    for kw in ({}, {"stencil": "shift"}, {"stencil": "shift", "checkpoint_every": 2}, {"checkpoint_every": 5}):
+        torch.manual_seed(0)
+        m = LatticeNetwork(**{**TINY, "steps": 4, **kw})
+        loss, _ = m.loss({"question": q, "answer": a}, stochastic=True)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()], m._last_activity))
+    for loss, g, act in grads[1:]:
+        assert torch.allclose(loss, grads[0][0], atol=1e-6)
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g, grads[0][1]))
+        assert torch.allclose(act, grads[0][2], atol=1e-6)
+
+
+def test_energy_flow_mode_trains_and_checks_its_config_on_load(tmp_path):
+    L.seed_everything(0)
+    m = LatticeNetwork(**{**TINY, "mode": "energy_flow", "carriers": 64})
+    assert not hasattr(m, "rule") and hasattr(m, "flow")
+    before = [p.clone() for p in m.flow.parameters()]
+    t = trainer(tmp_path, 3)
+    t.fit(m, tiny_data())
+    assert torch.isfinite(torch.tensor(float(t.callback_metrics["train/loss"])))
+    assert any(not torch.equal(b, p) for b, p in zip(before, m.flow.parameters()))  # gradients reach the carriers
+    t.save_checkpoint(tmp_path / "flow.ckpt")
+    loaded = LatticeNetwork.load_from_checkpoint(tmp_path / "flow.ckpt")
+    assert loaded.hparams.mode == "energy_flow"
+    with pytest.raises(ValueError, match="written with mode='energy_flow' but this LatticeNetwork has mode='nca'"):
+        LatticeNetwork.load_from_checkpoint(tmp_path / "flow.ckpt", mode="nca")
+    with pytest.raises(ValueError, match="carriers=64 but this LatticeNetwork has carriers=32"):
+        LatticeNetwork.load_from_checkpoint(tmp_path / "flow.ckpt", carriers=32)
+
+
+def test_release_memory_drops_the_cached_activity():
+    m = LatticeNetwork(**TINY)
+    m.loss({"question": torch.randint(4, 100, (2, 24)), "answer": torch.randint(4, 100, (2, 6))}, stochastic=True)
+    assert m.release_memory() > 0 and m._last_activity is None and m.release_memory() == 0
+
+
+def test_bad_scale_arguments():
+    with pytest.raises(ValueError, match="mode='cellular' must be 'nca' or 'energy_flow'"):
+        LatticeNetwork(**{**TINY, "mode": "cellular"})
+    with pytest.raises(ValueError, match="checkpoint_every=-1 must be >= 0"):
+        LatticeNetwork(**{**TINY, "checkpoint_every": -1})
+    with pytest.raises(ValueError, match="stencil='dense' must be 'sparse' or 'shift'"):
+        LatticeNetwork(**{**TINY, "stencil": "dense"})
