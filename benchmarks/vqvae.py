@@ -4,6 +4,9 @@
     python benchmarks/vqvae.py --ckpt runs/vqvae_quickstart/checkpoints/last.ckpt
         # held-out PSNR, codebook usage, perplexity, dead codes and the cell round trip of that checkpoint
         # -> benchmarks/results/vqvae_eval_<run>.json
+    python benchmarks/vqvae.py --bound
+        # how much codebook usage held-out images *can* show: distinct encoder receptive fields
+        # -> benchmarks/results/vqvae_usage_bound.json
 
 Speed: train images/s (forward, backward and AdamW step on generated images, no Lightning loop), encode images/s
 (``VQVAE.encode``), and the peak resident memory of a process that does only that (each config runs in its own
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from einops import rearrange
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -95,6 +99,47 @@ def bench_one(name: str, steps: int, warmup: int) -> dict:
     }
 
 
+def receptive_windows(states: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, n, n) cell classes -> (B n n, W) int64 keys of the (2 radius + 1)^2-cell window around every cell, cells
+    outside the grid as their own symbol (the encoder's zero padding is visible to it). Two cells with equal keys get
+    equal latents from any deterministic encoder whose receptive field is that window."""
+    import torch.nn.functional as F
+
+    k = 2 * radius + 1
+    padded = F.pad(states + 1, (radius, radius, radius, radius), value=0)  # 0 = outside, 1.. = classes
+    win = rearrange(padded.unfold(1, k, 1).unfold(2, k, 1), "b h w p q -> (b h w) (p q)").long()
+    digits = 12  # 16 symbols = 4 bits each: 12 cells per int64 key
+    base = 16 ** torch.arange(digits, dtype=torch.long)
+    return torch.stack([(win[:, i:i + digits] * base[: win[:, i:i + digits].shape[1]]).sum(1)
+                        for i in range(0, win.shape[1], digits)], 1)
+
+
+def usage_bound(codebook_size: int, radii: list[int], held_out: list[int], train_images: int, seed: int) -> dict:
+    """Upper bound and an attainable reference for held-out codebook usage on generated grids.
+
+    * bound: distinct receptive-field windows in the held-out images / K -- a deterministic encoder cannot give more
+      distinct latents, so usage cannot exceed it;
+    * exact-match reference: put one code on each of the K most frequent windows of ``train_images`` training images
+      and count how many of those windows occur in the held-out images (a codebook that needs no nearest-neighbour
+      luck; what a well-spread codebook should at least reach).
+    """
+    from neat_lightning.data.grids import _seed, sample_states
+
+    train, _ = sample_states(train_images, _seed("usage-bound", seed), grid_size=8)
+    held = {n: sample_states(n, seed, grid_size=8)[0] for n in held_out}
+    rows = []
+    for r in radii:
+        keys, counts = torch.unique(receptive_windows(train, r), dim=0, return_counts=True)
+        top = keys[counts.argsort(descending=True)[:codebook_size]]
+        for n, states in held.items():
+            hk = torch.unique(receptive_windows(states, r), dim=0)
+            _, c = torch.unique(torch.cat([top, hk]), dim=0, return_counts=True)
+            rows.append({"radius_cells": r, "held_out_images": n, "tokens": n * 64, "distinct_windows": len(hk),
+                         "bound": min(1.0, len(hk) / codebook_size), "distinct_over_k": len(hk) / codebook_size,
+                         "exact_match_usage": int((c > 1).sum()) / codebook_size})
+    return {"codebook_size": codebook_size, "train_images": train_images, "seed": seed, "rows": rows}
+
+
 @torch.no_grad()
 def evaluate(ckpt: str, n_images: int, seed: int) -> dict:
     """Held-out quality of a checkpoint on generated images (the same families and sizes it was trained on)."""
@@ -135,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", default=None, help="evaluate this checkpoint instead of timing")
     ap.add_argument("--images", type=int, default=1024, help="held-out images for --ckpt")
     ap.add_argument("--seed", type=int, default=20_250_101, help="seed of the held-out images for --ckpt")
+    ap.add_argument("--bound", action="store_true", help="usage upper bound from distinct receptive fields")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: time one config in this process
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/vqvae*.json)")
     args = ap.parse_args(argv)
@@ -143,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.one:
         print(json.dumps(bench_one(args.one, args.steps, args.warmup)))
+        return 0
+
+    if args.bound:
+        res = usage_bound(8192, [1, 2, 3], [1024, 2048, 4096], 8192, args.seed)
+        print(f"{'radius':>6s} {'images':>6s} {'tokens':>7s} {'distinct':>8s} {'distinct/K':>10s} {'exact-match':>11s}")
+        for r in res["rows"]:
+            print(f"{r['radius_cells']:6d} {r['held_out_images']:6d} {r['tokens']:7d} {r['distinct_windows']:8d} "
+                  f"{r['distinct_over_k']:10.2f} {r['exact_match_usage']:11.3f}")
+        out = Path(args.out) if args.out else RESULTS / "vqvae_usage_bound.json"
+        atomic_write_json(out, res)
+        print(f"wrote {out}")
         return 0
 
     if args.ckpt:
