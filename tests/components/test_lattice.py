@@ -203,3 +203,56 @@ def test_incremental_decoding_matches_full_forward():
     caches, kvs = dec.make_caches(2, 5), dec.cross_keys_values(mem)
     steps = torch.cat([dec(ids[:, t : t + 1], None, t, caches, kvs) for t in range(5)], dim=1)
     assert torch.allclose(full, steps, atol=1e-5)
+
+
+def test_transport_init_carries_the_input_face_to_the_output_face():
+    """With the copy rule the question reaches depth D - 1 intact (and its gradient flows back); the default init
+    lets the update's biases wash it out."""
+    torch.manual_seed(0)
+    face = torch.randn(15, 2, 3)  # (H·W, B, C)
+    w = torch.rand(*SIZE, 26)
+    rule = LatticeRule(cfg(depth_taps=True, rule_init="transport", hidden=8, steps=3))
+    state, _ = run_lattice(rule, face, w, 3, stochastic=False)
+    assert torch.allclose(state[-15:], face, atol=1e-5)  # fire_rate 1: one plane per step, exact
+    assert torch.allclose(lattice_step(rule, state, w, face), state, atol=1e-5)  # a fixed point once through
+    stochastic = LatticeRule(cfg(depth_taps=True, rule_init="transport", hidden=8, fire_rate=0.5))
+    late, _ = run_lattice(stochastic, face.requires_grad_(), w, 40, True, generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(late[-15:].sum(), face)
+    assert torch.allclose(late[-15:], face, atol=1e-3) and g.abs().min() > 0.5
+
+
+def test_depth_taps_are_the_depth_neighbours():
+    torch.manual_seed(0)
+    rule = LatticeRule(cfg(depth_taps=True))
+    x = torch.randn(2, 3, *SIZE)
+    p = rule.perceive(to_cells(x), rule.connection_operator(torch.rand(*SIZE, 26)))
+    assert p.shape == (60, 2, 8 * 3)
+    prev, nxt = F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], F.pad(x, (0, 0, 0, 0, 0, 1))[:, :, 1:]
+    assert torch.equal(p[..., 18:21], to_cells(prev)) and torch.equal(p[..., 21:24], to_cells(nxt))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"rule_init": "transport"}, "rule_init='transport' needs depth_taps=True"),
+    ({"rule_init": "transport", "depth_taps": True, "hidden": 5}, r"needs hidden=5 >= 2 \* channels = 6"),
+    ({"rule_init": "zeros"}, "rule_init='zeros' must be"),
+])
+def test_transport_init_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(**kw)
+
+
+def test_rotary_cross_attention_sees_offsets_and_decodes_incrementally():
+    torch.manual_seed(0)
+    dec = FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=2, max_len=8, cell_stride=2)
+    mem = dec.memory(torch.randn(2, 12, 3))
+    ids = torch.randint(4, 260, (2, 5))
+    full = dec(ids, mem)
+    caches, kvs = dec.make_caches(2, 5), dec.cross_keys_values(mem)
+    steps = torch.cat([dec(ids[:, t : t + 1], None, t, caches, kvs) for t in range(5)], dim=1)
+    assert torch.allclose(full, steps, atol=1e-5)
+    cos, sin = dec.cell_rope()
+    assert torch.equal(cos[2 * 3], cos[2 * 3 + 1]) and not torch.equal(cos[0], cos[2])  # 2 cells per position
+    plain = FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=2, max_len=8)
+    assert plain.cell_rope() is None
+    with pytest.raises(ValueError, match="cell_stride=0 must be >= 1"):
+        FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=1, max_len=8, cell_stride=0)
