@@ -1,0 +1,95 @@
+"""`neat params`: parameters by component against the seeds' split; the 100M config meets its targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from neat_lightning.commands.params import COMPONENTS, count_by_component, main
+from neat_lightning.modules.byte_lm import ByteLM
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def save_untrained(lm: L.LightningModule, path: Path) -> str:
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    return str(path)
+
+
+def run(tmp_path: Path, capsys, *argv: str) -> tuple[int, dict | None, str]:
+    out = tmp_path / "params.json"
+    code = main([*argv, "--json", str(out)])
+    captured = capsys.readouterr()
+    return code, json.loads(out.read_text()) if out.exists() else None, captured.out + captured.err
+
+
+def test_small_blt_config_counts_every_parameter_once(tmp_path, capsys):
+    code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_blt.yaml"))
+    assert code == 0
+    assert "latent transformer" in text and "BLT local encoder/decoder" in text
+    assert "entropy_model_ckpt 'runs/quickstart/checkpoints/last.ckpt' not found" in " ".join(text.split())
+    rows = {r["component"]: r for r in table["rows"]}
+    assert sum(rows[c]["total"] for c in COMPONENTS) == rows["total"]["total"]
+    from neat_lightning.modules.neat import NeatModel  # the same model built by hand: same count
+
+    cfg = yaml.safe_load((REPO / "configs/neat_blt.yaml").read_text())["model"]["init_args"]
+    from neat_lightning.components.blt import BLTConfig
+    from neat_lightning.components.titans import TitansConfig
+
+    cfg.update(entropy_model_ckpt=None, blt_config=BLTConfig(**{**cfg["blt_config"], "patching": "static"}),
+               titans_config=TitansConfig(**cfg["titans_config"]))
+    model = NeatModel(**cfg)
+    assert rows["total"]["total"] == sum(p.numel() for p in model.parameters())
+    assert rows["blt"]["total"] == sum(p.numel() for p in model.blt.parameters())
+    counts = count_by_component(model)
+    assert counts["titans"]["total"] > 0 and counts["mvot"]["total"] == 0
+
+
+@pytest.mark.slow
+def test_100m_config_meets_the_seed_split(tmp_path, capsys):
+    entropy = ByteLM(dim=368, n_layers=6, heads=8, block_size=512, window=512, tie_weights=False)
+    ckpt = save_untrained(entropy, tmp_path / "entropy.ckpt")
+    code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_100m.yaml"),
+                            "--model.init_args.entropy_model_ckpt", ckpt)
+    assert code == 0, text
+    rows = {r["component"]: r for r in table["rows"]}
+    for name in ("latent", "blt", "titans", "other", "total"):
+        assert abs(rows[name]["deviation_pct"]) <= 10.0, rows[name]
+    assert rows["mvot"]["total"] == 0  # not built yet: the placeholder row
+    assert "MVoT visual path: not built" in text and "frozen BLT entropy model" in text
+
+
+def test_gpu_config_is_the_100m_config_with_a_ddp_trainer():
+    base = yaml.safe_load((REPO / "configs/neat_100m.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "configs/neat_100m_gpu.yaml").read_text())
+    assert gpu["model"] == base["model"] and gpu["data"] == base["data"]
+    assert gpu["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+    assert gpu["trainer"]["precision"] == "bf16-mixed" and gpu["trainer"]["accelerator"] == "gpu"
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert gpu["trainer"]["strategy"] in StrategyRegistry
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--config", "nowhere.yaml"], r"--config: no such file: 'nowhere.yaml'"),
+        (["--config", "configs/neat_blt.yaml", "--trainer.max_steps", "3"], r"unknown option '--trainer.max_steps'"),
+        (["--config", "configs/neat_blt.yaml", "--target", "svf=3"], r"--target 'svf=3': expected NAME=N"),
+        (["--config", "configs/neat_blt.yaml", "--model.init_args.frontend", "tokens"], r"cannot build the model"),
+    ],
+)
+def test_bad_arguments_fail_with_a_clear_message(argv, match, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("neat params: error:")
+    import re
+
+    assert re.search(match, err), err
