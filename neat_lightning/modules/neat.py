@@ -5,7 +5,10 @@ Components (each an exact bypass when switched off, :class:`~neat_lightning.prot
 * ``titans`` — Titans neural long-term memory as context in chosen blocks (:mod:`neat_lightning.components.titans`),
   with persistent tokens and sliding-window attention for short-term context;
 * ``svf`` — Transformer² singular-value fine-tuning experts over the block linears, one per task type, picked or
-  mixed by a dispatcher from a first pass (:mod:`neat_lightning.components.svf`).
+  mixed by a dispatcher from a first pass (:mod:`neat_lightning.components.svf`);
+* ``mvot`` — MVoT visual tokens: a frozen VQ-VAE's codes in their own id range after the 260 byte ids, the token
+  discrepancy loss L_D, a visualization-decision head and interleaved text + image generation
+  (:mod:`neat_lightning.components.mvot`, ``docs/mvot.md``).
 
 The backbone (:class:`NeatBackbone`) is a plain ``nn.Module``: :meth:`NeatBackbone.forward_hidden` runs over any
 (B, T, C) embeddings — byte embeddings today, patch embeddings when the BLT processor plugs in — and returns hidden
