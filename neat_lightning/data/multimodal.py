@@ -39,9 +39,6 @@ from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, encode
 from neat_lightning.data.grids import FAMILIES, Family, _seed, generate_episode, render
 from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
 
-EPISODE_FAMILIES: tuple[str, ...] = ("maze", "frozenlake", "minibehavior")
-
-
 def header_text(family: str) -> str:
     return f"{family}\n"
 
@@ -219,8 +216,8 @@ class MultimodalDataModule(L.LightningDataModule):
         if not families:
             raise ValueError(f"families=[] must name at least one of {list(FAMILIES)}")
         for f in families:
-            if f not in EPISODE_FAMILIES:
-                raise ValueError(f"families: {f!r} is not one of {list(EPISODE_FAMILIES)}")
+            if f not in FAMILIES:
+                raise ValueError(f"families: {f!r} is not one of {list(FAMILIES)}")
         if grid_size < 5:
             raise ValueError(f"grid_size={grid_size} must be >= 5")
         if image_size % grid_size:

@@ -55,6 +55,8 @@ def test_mvot_off_is_the_byte_path(vqvae_ckpt):
 def test_vqvae_checkpoint_errors_name_the_field_and_both_shapes(vqvae_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"mvot=True needs vqvae_ckpt"):
         tiny(None)
+    with pytest.raises(ValueError, match=r"mvot_lambda=-0.1 and decision_weight=1.0 must be >= 0"):
+        tiny(vqvae_ckpt, mvot_lambda=-0.1)
     missing = str(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match=r"vqvae_ckpt='.*missing.ckpt': no such file"):
         tiny(missing)
