@@ -50,6 +50,7 @@ from neat_lightning.components.patching import (
     patch_lengths_from_start_mask,
 )
 from neat_lightning.components.transformer import Block, TransformerConfig, rope_angles
+from neat_lightning.data.codec import PAD_ID, VOCAB_SIZE
 
 # the reference's hash primes (bytelatent/model/local_models.py, rolling_polynomial_hash), one per hash function
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133)
@@ -368,7 +369,13 @@ class BLTProcessor(nn.Module):
             param = next(model.parameters(), None)
             if param is not None and param.device != ids.device:
                 model.to(ids.device)
-        mask = self.patcher.start_mask(ids, threshold=self.threshold if self.config.patching == "entropy" else None)
+        # ids beyond the byte codec (MVoT's image markers and visual codes) are each a patch of their own, and the
+        # byte after one starts a new patch; the entropy model and the space rule see PAD there (both causal)
+        extra = ids >= VOCAB_SIZE  # (B, T)
+        byte_ids = ids.masked_fill(extra, PAD_ID) if bool(extra.any()) else ids
+        mask = self.patcher.start_mask(byte_ids, threshold=self.threshold if self.config.patching == "entropy" else None)
+        if byte_ids is not ids:
+            mask = mask | extra | F.pad(extra[:, :-1], (1, 0), value=False)
         if update and exists(self.controller):
             ratio = mask.float().mean()
             if exists(reduce_ratio):

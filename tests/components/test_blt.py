@@ -178,3 +178,21 @@ def test_entropy_patching_without_a_model_is_refused():
         BLTProcessor(BLTConfig(), vocab_size=260, dim=32)
     with pytest.raises(TypeError, match=r"config must be a BLTConfig, got dict"):
         BLTProcessor({"patching": "static"}, vocab_size=260, dim=32)
+
+
+def test_ids_beyond_the_byte_codec_are_patches_of_their_own_and_stay_causal():
+    """MVoT's image markers and visual codes (ids >= 260) never reach the 260-id entropy model."""
+    lm = entropy_lm()
+    torch.manual_seed(0)
+    cfg = BLTConfig(patching="entropy", adaptive=False, threshold=50.0, **LOCAL)  # no entropy starts at all
+    blt = BLTProcessor(cfg, vocab_size=270, dim=32, entropy_model=lm).eval()
+    ids = text_ids()
+    ids[0, 20:24] = torch.tensor([260, 265, 269, 261])  # BOI, two codes, EOI
+    lengths = blt.patch_lengths(ids)
+    assert lengths[0][lengths[0] > 0].tolist() == [20, 1, 1, 1, 1, len(TEXT) - 24]
+    latent = CausalLatent()
+    base = blt(ids, latent)["logits"]
+    assert base.shape[-1] == 270
+    changed = ids.clone()
+    changed[0, 22] = 262
+    torch.testing.assert_close(blt(changed, latent)["logits"][:, :22], base[:, :22], rtol=0, atol=1e-6)

@@ -109,3 +109,22 @@ def test_resume_is_exact_including_the_adaptive_threshold(tmp_path, entropy_ckpt
     ids = torch.randint(4, 260, (2, 30))
     full.eval(), loaded.eval()
     assert torch.equal(full(ids), loaded(ids))
+
+
+def test_blt_front_end_carries_mvot_visual_tokens(tmp_path):
+    from neat_lightning.data.multimodal import save_vqvae_checkpoint
+    from neat_lightning.modules import VQVAE
+
+    vq = save_vqvae_checkpoint(VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4,
+                                     kmeans_init=False), tmp_path / "vqvae.ckpt")
+    cfg = BLTConfig(**{**TINY_BLT.__dict__, "patching": "space"})
+    model = tiny(frontend="blt", blt_config=cfg, mvot=True, vqvae_ckpt=str(vq), active_components=["titans", "mvot"])
+    ids = torch.randint(4, 260, (2, 49))
+    ids[:, 10], ids[:, 27] = 260, 261  # BOI, EOI around 16 visual codes
+    ids[:, 11:27] = torch.randint(262, 262 + 128, (2, 16))
+    lengths = model.patch_lengths(ids[:, :-1])
+    assert (lengths == 1).sum() >= 2 * 18  # every marker and code is a patch of its own
+    terms = model.loss_terms(ids)
+    assert terms["logits"].shape == (2, 48, 262 + 128) and terms["mvot"]["visual_total"] == 2 * 16
+    terms["loss"].backward()
+    assert model.blt.embed.embed.weight.grad[262:].abs().sum() > 0  # visual rows of the BLT embedding learn
