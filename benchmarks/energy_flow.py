@@ -13,6 +13,7 @@ checks every cell, carrier state and position for NaN/Inf every 100 steps. Resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -93,19 +94,22 @@ def main() -> None:
     parser.add_argument("--carriers", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=200, help="timed steps of the speed case")
     parser.add_argument("--long", type=int, default=5000, help="steps of the stability run (0 to skip)")
+    parser.add_argument("--long-carriers", type=int, default=None, help="carriers of the long run (default --carriers)")
+    parser.add_argument("--skip-speed", action="store_true", help="keep the stored speed result")
     parser.add_argument("--train", type=int, default=0, help="QA training steps of the energy-flow LatticeNetwork")
     args = parser.parse_args()
     cfg = EnergyFlowConfig(depth=25, height=50, width=50, channels=16, carriers=args.carriers)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.update({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpus": os.cpu_count(),
                  "omp_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()})
-    speed = bench_steps(cfg, args.steps)
-    data["speed"] = speed
     print(f"{'case':>10} {'carriers':>9} {'lattice':>10} {'steps':>6} {'create s':>9} {'steps/s':>8} {'finite':>6}")
-    print(f"{'speed':>10} {speed['carriers']:>9} {'50×50×25':>10} {speed['steps']:>6} {speed['create_s']:>9.3f} "
-          f"{speed['steps_per_s']:>8.1f} {speed['finite']!s:>6}")
+    if not args.skip_speed:
+        speed = bench_steps(cfg, args.steps)
+        data["speed"] = speed
+        print(f"{'speed':>10} {speed['carriers']:>9} {'50×50×25':>10} {speed['steps']:>6} {speed['create_s']:>9.3f} "
+              f"{speed['steps_per_s']:>8.1f} {speed['finite']!s:>6}")
     if args.long:
-        long = bench_steps(cfg, args.long)
+        long = bench_steps(dataclasses.replace(cfg, carriers=args.long_carriers or cfg.carriers), args.long)
         data["long"] = long
         print(f"{'long':>10} {long['carriers']:>9} {'50×50×25':>10} {long['steps']:>6} {long['create_s']:>9.3f} "
               f"{long['steps_per_s']:>8.1f} {long['finite']!s:>6}   max |cell| {long['max_abs_cell']:.3g}")

@@ -31,13 +31,13 @@ def test_cleanup_calls_release_memory_and_logs_rss(tmp_path):
     m.extra = Cache()
     m.extra.cache = torch.zeros(1000)
     assert releasables(m) == [m, m.extra]
-    cb = MemoryCleanup(every_n_steps=2)
+    cb = MemoryCleanup(every_n_steps=1)
     data = QADataModule(max_operand=5, max_factor=3, max_question_bytes=24, max_answer_bytes=20, batch_size=4,
                         batches_per_epoch=100, val_batch_size=8, max_val_pairs=8)
     t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  max_steps=5, limit_val_batches=0, enable_checkpointing=False, callbacks=[cb])
+                  max_steps=3, limit_val_batches=0, enable_checkpointing=False, callbacks=[cb])
     t.fit(m, data)
-    assert cb.cleanups == 2 and m.extra.calls == 2  # before steps 2 and 4 (0-based global steps)
+    assert cb.cleanups == 2 and m.extra.calls == 2  # before steps 1 and 2 (none before the first step)
     # the lattice's cached activity of the previous step and the extra cache were released
     assert cb.released_bytes >= 4000 + 2 * m.config.steps * 3 * 4 * 6 * 4
     rss = float(t.callback_metrics["memory/rss_mib"])
