@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--max-lr", type=float, default=1.0, help="upper bound of the memory's inner step θ")
     p.add_argument("--conv-kernel", type=int, default=4, help="causal depthwise conv over the memory's q/k/v (0: none)")
-    p.add_argument("--readout-gate", action="store_true", help="also add the readouts to the residual (gated)")
+    p.add_argument("--readout-gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="also add the memory readouts to the residual stream (gated), not only as attention context")
     p.add_argument("--gap-warmup", type=int, default=0,
                    help="curriculum: batches over which the largest training gap grows from MIN to MAX")
     p.add_argument("--seed", type=int, default=0)

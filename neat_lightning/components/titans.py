@@ -17,7 +17,10 @@ Memory as context (MAC, §4.1): learned persistent tokens (input-independent) an
 prepended to the keys/values of a sliding-window attention, so each token attends to
 ``[persistent | memory readouts in its window | tokens in its window]``. The block reuses a
 :class:`~neat_lightning.components.transformer.Block`'s weights and, when the memory is switched off, *is* that
-block (an exact bypass).
+block (an exact bypass). By default (``readout_gate``) the readouts are also added to the residual stream through a
+learned per-channel gate: without that direct path the memory got too little gradient to learn recall in our CPU
+runs (``benchmarks/neat_memory.py``). A short causal depthwise convolution over the memory's q/k/v (``conv_kernel``,
+§4.4) lets the key written at a value byte hold the bytes just before it (``cat=`` before ``7``).
 
 High-surprise ``(key, value)`` items are kept in an episodic buffer (``memory_size`` slots ranked by importance):
 the sleep-wake consolidation replays them into the slow (initial) memory weights.
@@ -57,7 +60,7 @@ class TitansConfig:
     init_forget_bias: float = -6.0  # sigmoid(-6) ≈ 0.0025: almost no forgetting at the start
     init_lr_bias: float = -2.0  # sigmoid(-2) ≈ 0.12 · max_lr initial inner step
     conv_kernel: int = 4  # causal depthwise conv over q/k/v after their projections (§4.4); 0 = none
-    readout_gate: bool = False  # also add the readouts to the residual stream through a learned per-channel gate
+    readout_gate: bool = True  # also add the readouts to the residual stream through a learned per-channel gate
     readout_gate_init: float = 1.0  # its initial value (open: a closed gate would starve the memory of gradient)
 
     def __post_init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,10 +167,11 @@ def test_causal_conv_puts_the_previous_bytes_into_a_key_and_never_the_next_ones(
 
 def test_readout_gate_adds_the_readouts_to_the_residual_stream():
     cfg = TransformerConfig(dim=16, heads=2, window=6, n_layers=1)
-    tc = TitansConfig(chunk_size=4, persistent_tokens=2, memory_size=8, dim_memory=8)
+    tc = TitansConfig(chunk_size=4, persistent_tokens=2, memory_size=8, dim_memory=8, readout_gate=False)
     torch.manual_seed(0)
-    gated = MemoryBlock(cfg, TitansConfig(**{**tc.__dict__, "readout_gate": True}))
+    gated = MemoryBlock(cfg, dataclasses.replace(tc, readout_gate=True))
     plain = MemoryBlock(cfg, tc)
+    assert plain.readout_gate is None
     plain.load_state_dict(gated.state_dict(), strict=False)
     x = torch.randn(2, 13, 16)
     assert torch.equal(gated.readout_gate, torch.ones(16))  # open from the start

@@ -145,7 +145,8 @@ def test_datamodule_batches_are_pure_functions_of_the_index():
 
 
 def test_gap_curriculum_grows_the_largest_gap_with_the_batch_index():
-    kwargs = dict(tasks=["temporal_gap"], difficulties=[2], n_facts=1, block_size=160, batch_size=16, gap_range=(4, 100))
+    kwargs = dict(tasks=["temporal_gap"], difficulties=[2], n_facts=1, block_size=160, batch_size=16,
+                  gap_range=(4, 100))
     plain = MathDataModule(**kwargs).dataset("train")
     ds = MathDataModule(**kwargs, gap_warmup=10).dataset("train")
     overhead = len(encode_problem(generate_problem("temporal_gap", 2, random.Random(0), gap=0, n_facts=1))[0])
