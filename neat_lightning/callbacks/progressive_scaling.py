@@ -11,7 +11,8 @@ growth loads with ``LatticeNetwork.load_from_checkpoint(path)`` alone and a ``ck
 
 With ``memory_budget_gb`` set, a growth whose estimated training-step memory
 (:func:`~neat_lightning.components.memory_budget.estimate_memory`) exceeds the budget is skipped, and growth stops
-there for the rest of the run.
+there for the rest of the run. The lattice never shrinks: a stage smaller than the current lattice in any dimension
+is skipped (so the default schedule also suits a base config that starts larger than 16³).
 """
 
 from __future__ import annotations
@@ -148,8 +149,11 @@ class ProgressiveScaling(Callback):
         index = self.stage_at(trainer.global_step)
         self.stage = index
         size = self.schedule[index].size
-        if self.stopped_at is not None or tuple(pl_module.config.size) == size:
+        current = tuple(pl_module.config.size)
+        if self.stopped_at is not None or current == size:
             return  # nothing to do (also after a resume: the checkpoint already rebuilt the grown size)
+        if any(n < c for n, c in zip(size, current)):
+            return  # growth only: a stage smaller than the lattice in any dimension is skipped
         if self.memory_budget_gb is not None:
             need = self.estimate(trainer, pl_module, size)
             if need > self.memory_budget_gb * 2**30:

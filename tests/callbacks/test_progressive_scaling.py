@@ -82,6 +82,20 @@ def test_memory_budget_stops_growth(tmp_path):
     assert ProgressiveScaling().schedule[-1].size == (96, 128, 128)  # the seeds' schedule ends at 128x128x96
 
 
+def test_never_shrinks():
+    m = LatticeNetwork(**TINY)
+    cb = ProgressiveScaling([SizeStage(0, (2, 4, 6)), SizeStage(1, (5, 3, 9))])
+
+    class T:
+        global_step = 0
+        optimizers = []
+
+    for step in (0, 1):
+        T.global_step = step
+        cb.on_train_batch_start(T(), m, None, 0)
+        assert m.config.size == (3, 4, 6)
+
+
 def test_bad_schedule_and_module():
     with pytest.raises(ValueError, match=r"schedule\[0\].start=5 must be 0"):
         ProgressiveScaling([SizeStage(5, (4, 4, 4))])
