@@ -43,6 +43,51 @@ def _instantiate(spec: dict):
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
+def face_transfer(model, questions) -> dict:
+    """How much of the question reaches the output face (eval mode): the spread of each face cell across questions
+    (std over the batch, mean over cells and channels) on the input and on the output face, their ratio, and the mean
+    |∂ output face / ∂ input face| of a random projection."""
+    import torch
+    from einops import rearrange
+
+    from neat_lightning.components.lattice import run_lattice
+    from neat_lightning.data.codec import PAD_ID
+
+    model.eval()
+    face = rearrange(model.encoder(questions, PAD_ID), "b n c -> n b c").detach().requires_grad_(True)
+    state, _ = run_lattice(model.rule, face, model.effective_connections(), model.config.steps, stochastic=False)
+    out = state[-face.shape[0]:]
+    (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), face)
+    spread_in, spread_out = float(face.std(1).mean()), float(out.std(1).mean())
+    return {"input_face_spread": spread_in, "output_face_spread": spread_out,
+            "spread_ratio": spread_out / max(spread_in, 1e-30), "mean_abs_grad": float(grad.abs().mean())}
+
+
+def _progress_callback():
+    import lightning as L
+
+    class Progress(L.Callback):
+        """Every 50 steps: append (step, wall s, last monitor BLEU) to ``progress.jsonl`` and save ``last.ckpt``, so
+        a run cut short on a busy machine can still be scored at the step it reached."""
+
+        def __init__(self, run_dir: Path, variant: str) -> None:
+            self.run_dir, self.variant, self.t0 = run_dir, variant, time.perf_counter()
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if step % 50:
+                return
+            monitors = [c for c in trainer.callbacks if type(c).__name__ == "DecoderBLEUMonitor"]
+            last = monitors[0].history[-1] if monitors and monitors[0].history else None
+            with open(self.run_dir / "progress.jsonl", "a") as f:
+                f.write(json.dumps({"variant": self.variant, "step": step, "wall_s": time.perf_counter() - self.t0,
+                                    "monitor_bleu": last, "load": os.getloadavg()[0]}) + "\n")
+            trainer.save_checkpoint(self.run_dir / "last.ckpt")
+
+    return Progress
+
+
 def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed: int, run_dir: Path) -> dict:
     """Train one variant (``lattice`` or ``baseline``) in this process and score it on every held-out pair."""
     import lightning as L
@@ -51,6 +96,7 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
 
     from neat_lightning.callbacks.bleu_monitor import corpus_bleu, exact_match
 
+    Progress = _progress_callback()
     cfg = yaml.safe_load(config.read_text())
     model_spec, data_spec = dict(cfg["model"]), dict(cfg["data"])
     model_spec["init_args"] = {**model_spec.get("init_args", {}), "use_lattice": variant == "lattice"}
@@ -59,7 +105,7 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
     L.seed_everything(seed, workers=True)
     model = _instantiate(model_spec)
     data = _instantiate(data_spec)
-    callbacks = [_instantiate(c) for c in tcfg.get("callbacks", [])]
+    callbacks = [_instantiate(c) for c in tcfg.get("callbacks", [])] + [Progress(run_dir, variant)]
     max_steps = steps if steps else int(tcfg.get("max_steps", -1))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -78,6 +124,8 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
     answers = model.generate_text([p.question for p in pairs], max_new_bytes=data.max_answer_bytes)
     gen_s = time.perf_counter() - t1
     refs = [p.answer for p in pairs]
+    trainer.save_checkpoint(run_dir / "final.ckpt")
+    face = face_transfer(model, data.val_q[:64]) if variant == "lattice" else {}
     by_kind = {}
     for kind in sorted({p.kind for p in pairs}):
         idx = [i for i, p in enumerate(pairs) if p.kind == kind]
@@ -90,7 +138,7 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
         "train_wall_s": wall, "generate_s": gen_s, "threads": torch.get_num_threads(),
         "load_avg_before": load_before, "load_avg_after": load_after,
         "val_pairs": len(pairs), "bleu": corpus_bleu(answers, refs), "exact_match": exact_match(answers, refs),
-        "by_kind": by_kind, "bleu_history": monitor[0].history if monitor else [],
+        "by_kind": by_kind, "bleu_history": monitor[0].history if monitor else [], "face_transfer": face,
         "samples": [{"question": p.question, "reference": p.answer, "answer": a} for p, a in zip(pairs[:12], answers)],
     }
 

@@ -55,7 +55,7 @@ from neat_lightning.components.plasticity import (
 )
 from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
 from neat_lightning.modules.base import STRUCTURE_KEY, NeatModule
-from neat_lightning.modules.optim import default_adamw
+from neat_lightning.modules.optim import decay_groups, default_adamw
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class LatticeNetwork(NeatModule):
         metrics_every: log lattice metrics (activity, emergence, clusters) every this many steps.
         lattice_seed: seed of the stochastic firing and cluster sampling (per step, so resumes are exact).
         learning_rate: peak AdamW learning rate of the default optimizer.
+        rule_lr_scale: the lattice rule's learning rate as a fraction of ``learning_rate`` (the rule is applied
+            ``steps`` times in a row; a small scale keeps a transport-initialised rule close to a copy).
         weight_decay: AdamW weight decay on matrices.
         warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
         min_lr_ratio: final learning rate as a fraction of the peak.
@@ -173,6 +175,7 @@ class LatticeNetwork(NeatModule):
         metrics_every: int = 10,
         lattice_seed: int = 0,
         learning_rate: float = 3e-3,
+        rule_lr_scale: float = 1.0,
         weight_decay: float = 0.05,
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
@@ -183,6 +186,8 @@ class LatticeNetwork(NeatModule):
             raise ValueError(f"steps={steps} must be >= depth - 1 = {depth - 1} for the input to reach the output face")
         if metrics_every < 1:
             raise ValueError(f"metrics_every={metrics_every} must be >= 1")
+        if rule_lr_scale < 0:
+            raise ValueError(f"rule_lr_scale={rule_lr_scale} must be >= 0")
         if cluster_coordination < 0:
             raise ValueError(f"cluster_coordination={cluster_coordination} must be >= 0")
         if mode not in ("nca", "energy_flow"):
@@ -471,7 +476,21 @@ class LatticeNetwork(NeatModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+        out = default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
+        if not hp.use_lattice or hp.rule_lr_scale == 1.0:
+            return out
+        # the rule is applied T times in a row: its own (smaller) learning rate keeps a transport init near a copy
+        rule = {id(p) for p in self.rule.parameters()}
+        groups = [
+            {**g, "params": [p for p in g["params"] if (id(p) in rule) == is_rule],
+             "lr": hp.learning_rate * (hp.rule_lr_scale if is_rule else 1.0)}
+            for g in decay_groups(self, hp.weight_decay) for is_rule in (False, True)
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=(0.9, 0.95))
+        scheduler = out["lr_scheduler"]["scheduler"]  # same warm-up/cosine multiplier, now on the split groups
+        out["optimizer"] = optimizer
+        out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
+        return out
 
     # -- generation (TextGenerator protocol) -----------------------------------------------------------------------
 

@@ -201,3 +201,19 @@ def test_bad_scale_arguments():
         LatticeNetwork(**{**TINY, "checkpoint_every": -1})
     with pytest.raises(ValueError, match="stencil='dense' must be 'sparse' or 'shift'"):
         LatticeNetwork(**{**TINY, "stencil": "dense"})
+
+
+def test_rule_learning_rate_scale(tmp_path):
+    """``rule_lr_scale`` gives the lattice rule its own learning rate under the same warm-up/cosine schedule."""
+    m = LatticeNetwork(**{**TINY, "rule_lr_scale": 0.1})
+    t = trainer(tmp_path, 2, enable_checkpointing=False)
+    t.fit(m, tiny_data())
+    rule = {id(p) for p in m.rule.parameters()}
+    groups = t.optimizers[0].param_groups
+    assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
+    for g in groups:
+        is_rule = {id(p) in rule for p in g["params"]}
+        assert len(is_rule) == 1
+        assert g["initial_lr"] == pytest.approx(TINY.get("learning_rate", 3e-3) * (0.1 if is_rule.pop() else 1.0))
+    with pytest.raises(ValueError, match="rule_lr_scale=-1.0 must be >= 0"):
+        LatticeNetwork(**{**TINY, "rule_lr_scale": -1.0})
