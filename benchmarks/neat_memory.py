@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "neat_memory"))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--eval-only", action="store_true", help="reuse the checkpoints in --runs-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue training from the checkpoints in --runs-dir (steps, optimizer and the elapsed time "
+                        "count on, so --max-minutes is the total budget)")
     p.add_argument("--svf", action="store_true",
                    help="run the SVF experiment instead: train a base model on the math tasks, then only the z vector "
                         "of one task's expert; report exact match per task before and after (key 'svf' of the JSON)")
@@ -127,6 +130,8 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
         model = NeatModel.load_from_checkpoint(ckpt, map_location="cpu")
         result.update(json.loads((runs / f"{variant}.train.json").read_text()))
     else:
+        resume = args.resume and ckpt.exists()
+        before = json.loads((runs / f"{variant}.train.json").read_text()) if resume else {}
         L.seed_everything(args.seed, verbose=False)
         model = build_model(args, variant)
         data = MathDataModule(
@@ -150,8 +155,8 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
             default_root_dir=str(runs),
         )
         t0 = time.perf_counter()
-        trainer.fit(model, data)
-        train_s = time.perf_counter() - t0
+        trainer.fit(model, data, ckpt_path=str(ckpt) if resume else None)
+        train_s = time.perf_counter() - t0 + before.get("train_seconds", 0.0)
         trainer.save_checkpoint(ckpt)
         train = {
             "train_steps": int(trainer.global_step),
