@@ -7,7 +7,7 @@ stream) at each gap of ``--gaps``: a task counts as recalled when the whole comp
 the greedy (argmax) prediction. Chance is 1/10 (one-digit values). Each variant runs in its own process so its peak
 RSS is its own; training and inference throughput are measured in it.
 
-    OMP_NUM_THREADS=1 python benchmarks/neat_memory.py                 # full run (see --steps), prints a table
+    OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --max-minutes 14  # the measured run (docs/neat.md, Results)
     python benchmarks/neat_memory.py --steps 20 --eval-samples 20      # smoke run
     OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --svf           # the SVF experiment (key "svf" of the JSON)
 
@@ -33,24 +33,25 @@ VARIANTS = ("window", "titans")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="training steps per variant")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per variant (the cosine schedule's length)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock training budget per variant (the steps reached are reported)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=224)
-    p.add_argument("--window", type=int, default=32, help="sliding-window attention span (bytes)")
+    p.add_argument("--block-size", type=int, default=176)
+    p.add_argument("--window", type=int, default=16, help="sliding-window attention span (bytes)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--n-facts", type=int, default=2)
-    p.add_argument("--train-gaps", type=int, nargs=2, default=(0, 160), metavar=("MIN", "MAX"))
-    p.add_argument("--gaps", type=int, nargs="+", default=[16, 32, 64, 128, 160])
+    p.add_argument("--n-facts", type=int, default=1)
+    p.add_argument("--train-gaps", type=int, nargs=2, default=(0, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--gaps", type=int, nargs="+", default=[8, 64, 128])
     p.add_argument("--eval-samples", type=int, default=200, help="held-out tasks per gap")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--answer-weight", type=float, default=10.0)
-    p.add_argument("--memory-depth", type=int, default=2)
+    p.add_argument("--answer-weight", type=float, default=1000.0,
+                   help="loss weight of the completion bytes (the answer) relative to the routine text")
+    p.add_argument("--memory-depth", type=int, default=1)
     p.add_argument("--dim-memory", type=int, default=16)
     p.add_argument("--chunk-size", type=int, default=16)
-    p.add_argument("--max-lr", type=float, default=1.0, help="upper bound of the memory's inner step θ")
+    p.add_argument("--max-lr", type=float, default=4.0, help="upper bound of the memory's inner step θ")
     p.add_argument("--conv-kernel", type=int, default=4, help="causal depthwise conv over the memory's q/k/v (0: none)")
     p.add_argument("--readout-gate", action=argparse.BooleanOptionalAction, default=True,
                    help="also add the memory readouts to the residual stream (gated), not only as attention context")
