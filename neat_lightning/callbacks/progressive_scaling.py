@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from neat_lightning.components.memory_budget import SIZE_SCHEDULE, MemoryConfig, estimate_memory
-from neat_lightning.protocols import missing_methods
+from neat_lightning.protocols import require
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,7 @@ class ProgressiveScaling(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        missing = missing_methods(pl_module, Growable)
-        if missing:
-            raise TypeError(
-                f"{type(self).__name__} needs a module with `grow(size, steps)`, but {type(pl_module).__name__} "
-                f"lacks {', '.join(f'`{m}`' for m in missing)}"
-            )
+        require(pl_module, Growable, self)
 
     def stage_at(self, step: int) -> int:
         return max(i for i, s in enumerate(self.schedule) if s.start <= step)

@@ -105,5 +105,5 @@ def test_bad_schedule_and_module():
         ProgressiveScaling([SizeStage(0, (0, 4, 4))])
     with pytest.raises(ValueError, match="memory_budget_gb=0 must be > 0"):
         ProgressiveScaling(memory_budget_gb=0)
-    with pytest.raises(TypeError, match="ProgressiveScaling needs a module with `grow"):
+    with pytest.raises(TypeError, match="ProgressiveScaling needs a module implementing the Growable protocol"):
         ProgressiveScaling().setup(None, L.LightningModule(), "fit")

@@ -18,7 +18,40 @@ OVERRIDES = {
                                "--model.init_args.block_size", "64"],
     "vqvae.yaml": ["--data.init_args.batch_size", "2"],
     "neat.yaml": ["--data.init_args.batch_size", "1"],
+    # checkpoints the configs name (runs/...) do not exist on a clean clone: the `checkpoints` fixture makes tiny ones
+    "neat_blt.yaml": ["--data.init_args.batch_size", "1", "--model.init_args.entropy_model_ckpt", "{entropy_ckpt}"],
+    "neat_mvot.yaml": ["--model.init_args.vqvae_ckpt", "{vqvae_ckpt}"],
+    # ~100M parameters: one short fp32 row with static patching still runs every component's code path
+    **{name: ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "256",
+              "--model.init_args.block_size", "256", "--trainer.precision", "32-true",
+              "--model.init_args.blt_config.patching", "static"] for name in ("neat_100m.yaml", "neat_100m_gpu.yaml")},
 }
+SLOW = {"neat_100m.yaml", "neat_100m_gpu.yaml"}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Tiny stand-ins for the checkpoints configs load frozen: an entropy ByteLM (2 steps) and an untrained VQ-VAE."""
+    import lightning as L
+
+    from neat_lightning.data import ByteTextDataModule
+    from neat_lightning.data.multimodal import save_vqvae_checkpoint
+    from neat_lightning.modules import VQVAE, ByteLM
+
+    root = tmp_path_factory.mktemp("frozen")
+    L.seed_everything(0)
+    lm = ByteLM(dim=16, n_layers=1, heads=2, block_size=32, warmup_steps=1)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer.fit(lm, ByteTextDataModule(block_size=32, batch_size=2, batches_per_epoch=4))
+    trainer.save_checkpoint(root / "entropy.ckpt")
+    vqvae = VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4, kmeans_init=False)
+    save_vqvae_checkpoint(vqvae, root / "vqvae.ckpt")
+    return {"entropy_ckpt": str(root / "entropy.ckpt"), "vqvae_ckpt": str(root / "vqvae.ckpt")}
+
+
+def overrides(name: str, checkpoints: dict[str, str]) -> list[str]:
+    return [a.format(**checkpoints) for a in OVERRIDES.get(name, [])]
 
 
 def fast_dev_run(configs: list[Path | list[str]], tmp_path: Path, extra: list[str] = ()) -> NeatCLI:
@@ -33,10 +66,13 @@ def fast_dev_run(configs: list[Path | list[str]], tmp_path: Path, extra: list[st
     return NeatCLI(args=args)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "config", [pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW else c for c in CONFIGS],
+    ids=[c.name for c in CONFIGS],
+)
+def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch, checkpoints):
     monkeypatch.chdir(tmp_path)
-    cli = fast_dev_run([config], tmp_path, OVERRIDES.get(config.name, []))
+    cli = fast_dev_run([config], tmp_path, overrides(config.name, checkpoints))
     assert cli.trainer.global_step == 1, f"{config.name} did not take a training step"
 
 
@@ -52,7 +88,9 @@ COMPATIBLE = {
     "bleu_monitor.yaml": "byte_lm_quickstart.yaml",  # prompts: ByteTextDataModule.validation_pairs
     "component_schedule.yaml": "neat_quickstart.yaml",
     "lora_final_stage.yaml": "byte_lm_quickstart.yaml",
+    "memory_cleanup.yaml": "lattice_quickstart.yaml",
     "plasticity_stages.yaml": "lattice_quickstart.yaml",
+    "progressive_scaling.yaml": "lattice_quickstart.yaml",
     "sleep_wake.yaml": "neat_quickstart.yaml",
 }
 # the lattice configs already carry their own PlasticityStages; a second one would share its state key
@@ -61,6 +99,7 @@ INCOMPATIBLE = {
     "bleu_monitor.yaml": ("vqvae_quickstart.yaml", "TextGenerator"),
     "component_schedule.yaml": ("byte_lm_quickstart.yaml", "ComponentSwitchable"),
     "plasticity_stages.yaml": ("byte_lm_quickstart.yaml", "Plastic"),
+    "progressive_scaling.yaml": ("byte_lm_quickstart.yaml", "Growable"),
     "sleep_wake.yaml": ("byte_lm_quickstart.yaml", "MemoryConsolidator"),
 }
 
@@ -76,14 +115,14 @@ def test_every_fragment_has_a_compatible_config():
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.name for f in FRAGMENTS])
-def test_fragment_composes_and_appends(fragment, tmp_path, monkeypatch):
+def test_fragment_composes_and_appends(fragment, tmp_path, monkeypatch, checkpoints):
     monkeypatch.chdir(tmp_path)
     base = REPO / "configs" / COMPATIBLE[fragment.name]
     text = fragment.read_text()
     assert "callbacks+:" in text, f"{fragment.name} must append (trainer: callbacks+:), not replace"
     clear = fragment.name in CLEAR_BASE_CALLBACKS
     layers = [base, ["--trainer.callbacks", "[]"], fragment] if clear else [base, fragment]
-    cli = fast_dev_run(layers, tmp_path, OVERRIDES.get(base.name, []))
+    cli = fast_dev_run(layers, tmp_path, overrides(base.name, checkpoints))
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     for wanted in ([] if clear else class_paths(base)) + class_paths(fragment):
         assert wanted in names, f"{wanted} missing from {names}"
