@@ -18,6 +18,9 @@ OVERRIDES = {
                                "--model.init_args.block_size", "64"],
     "vqvae.yaml": ["--data.init_args.batch_size", "2"],
     "neat.yaml": ["--data.init_args.batch_size", "1"],
+    # 24x24x16 lattice, 24 steps: ~9 s per batch-16 step; its BLEU monitor scores every validation pair at train end
+    "lattice.yaml": ["--data.init_args.batch_size", "2", "--data.init_args.val_batch_size", "4",
+                     "--data.init_args.max_val_pairs", "8"],
     # checkpoints the configs name (runs/...) do not exist on a clean clone: the `checkpoints` fixture makes tiny ones
     "neat_blt.yaml": ["--data.init_args.batch_size", "1", "--model.init_args.entropy_model_ckpt", "{entropy_ckpt}"],
     "neat_mvot.yaml": ["--model.init_args.vqvae_ckpt", "{vqvae_ckpt}"],
