@@ -3,6 +3,7 @@
     neat params --config configs/neat_100m.yaml
     neat params --config configs/neat_100m.yaml --model.init_args.entropy_model_ckpt other.ckpt
     neat params --config configs/neat_blt.yaml --target latent=5e6 --target blt=1e6 --json params.json
+    neat params --config configs/neat_100m.yaml --vqvae-config configs/vqvae.yaml
 
 The model is instantiated from the config's ``model:`` section exactly as ``neat fit`` would (jsonargparse, the
 same class_path / init_args; ``--model.init_args.X V`` overrides apply). Components of a NeatModel:
@@ -10,13 +11,18 @@ same class_path / init_args; ``--model.init_args.X V`` overrides apply). Compone
 * ``latent``: the NeatBackbone's transformer blocks and norms (attention, MLP);
 * ``blt``: the BLT local encoder / decoder (byte and hash n-gram embeddings, local blocks, cross-attentions, head);
 * ``titans``: the Titans memory of the memory blocks (neural memory projections and MLP, persistent tokens);
-* ``mvot``: the MVoT visual path (its module, and the visual-token rows of the embedding and output head);
+* ``mvot``: the MVoT visual path: the visual-token rows (BOI, EOI, K codes) of the embedding and output head (the
+  BLT byte embedding / head in BLT mode, at its width), the visualization-decision head, and the frozen VQ-VAE
+  (``mvot.frozen.module.*``, loaded from ``vqvae_ckpt``; saved in the checkpoint, never trained, marked frozen);
 * ``other``: SVF ``z`` vectors and dispatcher, whatever else the module holds, and the frozen BLT entropy model
   (loaded from ``entropy_model_ckpt``; not part of the checkpoint, marked frozen).
 
 Targets default to the seeds' 100M split (40M / 20M / 20M / 10M / 10M); ``--target NAME=N`` changes one. The
 entropy model checkpoint is optional here: without it the parameters are counted with static patching (the same
-trainable parameters) and the entropy model row says it was not found.
+trainable parameters) and the entropy model row says it was not found. The VQ-VAE checkpoint is optional too:
+without it an untrained VQ-VAE is built from ``--vqvae-config`` (default ``configs/vqvae.yaml``, the one that
+trains it), which has the same parameters; its ``codebook_size`` must equal the model's ``visual_vocab_size``.
+The table's ``frozen`` column is ``actual - trainable``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import copy
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append", default=[], metavar="NAME=N",
                    help=f"Target of a component ({', '.join(COMPONENTS)}, or total); default: the seeds' 100M split.")
     p.add_argument("--json", type=Path, help="Also write the table as JSON here.")
+    p.add_argument("--vqvae-config", type=Path, default=Path("configs/vqvae.yaml"),
+                   help="Builds the frozen VQ-VAE (untrained, same parameters) when vqvae_ckpt is missing.")
     return p
 
 
@@ -89,13 +98,45 @@ def model_section(config: Path, overrides: list[str]) -> dict[str, Any]:
     return model
 
 
-def instantiate(model: dict[str, Any]) -> tuple[torch.nn.Module, list[str]]:
-    """Build the model as LightningCLI would; returns it and notes about what was substituted."""
+def stand_in_vqvae(vqvae_config: Path, visual_vocab_size: int, directory: Path) -> str:
+    """An untrained VQ-VAE built from ``vqvae_config``'s ``model:`` section, saved as a checkpoint in ``directory``:
+    the parameters a trained one has (counting needs shapes, not values)."""
+    from neat_lightning.data.multimodal import save_vqvae_checkpoint
+    from neat_lightning.modules.vqvae import VQVAE
+
+    if not vqvae_config.is_file():
+        raise CommandError(f"vqvae_ckpt not found and --vqvae-config: no such file: {str(vqvae_config)!r}")
+    section = (yaml.safe_load(vqvae_config.read_text()) or {}).get("model")
+    if not isinstance(section, dict) or not str(section.get("class_path", "")).endswith("VQVAE"):
+        raise CommandError(f"--vqvae-config {str(vqvae_config)!r}: expected a `model:` section with a VQVAE class_path")
+    init = dict(section.get("init_args") or {})
+    codebook = init.get("codebook_size")
+    if codebook != visual_vocab_size:
+        raise CommandError(f"--vqvae-config {str(vqvae_config)!r}: codebook_size={codebook}, but the model has "
+                           f"visual_vocab_size={visual_vocab_size}; they must be equal")
+    with torch.random.fork_rng(devices=[]):
+        vqvae = VQVAE(**init)
+    return str(save_vqvae_checkpoint(vqvae, directory / "vqvae_stand_in.ckpt"))
+
+
+def instantiate(model: dict[str, Any], vqvae_config: Path = Path("configs/vqvae.yaml"),
+                scratch: Path | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """Build the model as LightningCLI would; returns it and notes about what was substituted.
+
+    ``scratch`` is a directory for a stand-in VQ-VAE checkpoint (needed only when ``vqvae_ckpt`` is missing)."""
     import lightning as L
     from jsonargparse import ArgumentParser
 
     notes: list[str] = []
     init = model["init_args"]
+    if init.get("mvot"):
+        ckpt = init.get("vqvae_ckpt")
+        if ckpt is None or not Path(ckpt).is_file():
+            if scratch is None:
+                raise CommandError(f"vqvae_ckpt {ckpt!r} not found and no scratch directory for a stand-in")
+            init["vqvae_ckpt"] = stand_in_vqvae(vqvae_config, int(init.get("visual_vocab_size", 128)), scratch)
+            notes.append(f"vqvae_ckpt {ckpt!r} not found: counted with an untrained VQ-VAE built from "
+                         f"{str(vqvae_config)!r} (same parameters)")
     blt = init.get("blt_config") or {}
     if init.get("frontend") == "blt" and blt.get("patching", "entropy") == "entropy":
         ckpt = init.get("entropy_model_ckpt")
@@ -117,7 +158,7 @@ def count_by_component(model: torch.nn.Module) -> dict[str, dict[str, int]]:
 
     Returns:
         ``{component: {"total": n, "trainable": n}}`` for the five components, plus ``entropy_model`` (frozen,
-        counted under ``other``) when the module has one.
+        counted under ``other``) and ``vqvae`` (frozen, counted under ``mvot``) when the module has them.
     """
     counts = {c: {"total": 0, "trainable": 0} for c in COMPONENTS}
 
@@ -154,6 +195,9 @@ def count_by_component(model: torch.nn.Module) -> dict[str, dict[str, int]]:
         n = sum(p.numel() for p in entropy.parameters())
         counts["entropy_model"] = {"total": n, "trainable": 0}
         add("other", n, False)
+    mvot = getattr(model, "mvot", None)
+    if isinstance(mvot, torch.nn.Module) and hasattr(mvot, "vqvae"):  # already counted under mvot (mvot.frozen.*)
+        counts["vqvae"] = {"total": sum(p.numel() for p in mvot.vqvae.parameters()), "trainable": 0}
     return counts
 
 
@@ -184,7 +228,11 @@ def main(argv: list[str]) -> int:
     try:
         targets = parse_targets(args.target)
         section = model_section(args.config, rest)
-        model, notes = instantiate(section)
+        vqvae_config = args.vqvae_config
+        if not vqvae_config.is_file() and vqvae_config == Path("configs/vqvae.yaml"):  # the default, from elsewhere
+            vqvae_config = args.config.parent / "vqvae.yaml"
+        with tempfile.TemporaryDirectory(prefix="neat_params_") as scratch:
+            model, notes = instantiate(section, vqvae_config, Path(scratch))
     except CommandError as err:
         print(f"neat params: error: {err}", file=sys.stderr)
         return 1
@@ -197,18 +245,25 @@ def main(argv: list[str]) -> int:
                      "deviation_pct": deviation(counts[c]["total"], targets[c])})
     rows.append({"component": "total", "label": "total", "target": targets["total"], "total": total,
                  "trainable": trainable, "deviation_pct": deviation(total, targets["total"])})
+    for r in rows:
+        r["frozen"] = r["total"] - r["trainable"]
 
     table = Table(title=f"{type(model).__name__} parameters: {args.config}")
-    for col in ("component", "target", "actual", "±%", "trainable"):
+    for col in ("component", "target", "actual", "±%", "trainable", "frozen"):
         table.add_column(col, justify="left" if col == "component" else "right")
     for r in rows:
         dev = r["deviation_pct"]
         table.add_row(r["label"], f"{r['target'] / 1e6:.1f}M", f"{r['total'] / 1e6:.2f}M",
-                      "-" if dev is None else f"{dev:+.1f}%", f"{r['trainable'] / 1e6:.2f}M")
+                      "-" if dev is None else f"{dev:+.1f}%", f"{r['trainable'] / 1e6:.2f}M", f"{r['frozen'] / 1e6:.2f}M")
     console.print(table)
     if "entropy_model" in counts:
         console.print(f"SVF / other includes the frozen BLT entropy model: {counts['entropy_model']['total'] / 1e6:.2f}M "
                       "(loaded from entropy_model_ckpt, not trained, not in the checkpoint)")
+    if "vqvae" in counts:
+        m = counts["mvot"]
+        console.print(f"MVoT visual path includes the frozen VQ-VAE: {counts['vqvae']['total'] / 1e6:.2f}M (loaded from "
+                      f"vqvae_ckpt, not trained, saved in the checkpoint); trained: {m['trainable'] / 1e6:.2f}M "
+                      f"({deviation(m['trainable'], targets['mvot']):+.1f}% of its target)")
     if counts["mvot"]["total"] == 0:
         console.print("MVoT visual path: not built by this config (mvot: false); its target is not met")
     for note in notes:

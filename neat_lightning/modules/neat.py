@@ -241,11 +241,8 @@ class NeatModel(TextGenerationMixin, NeatModule):
             blt_config = BLTConfig(**blt_config)
         if not isinstance(blt_config, BLTConfig):
             raise TypeError(f"blt_config must be a BLTConfig, got {type(blt_config).__name__}")
-        if mvot and frontend == "blt" and blt_config.patching == "entropy":
-            raise ValueError(
-                "mvot=True with frontend='blt' needs blt_config.patching 'static' or 'space': the entropy ByteLM "
-                "knows only the 260 byte ids, not the visual ones"
-            )
+        # mvot with BLT entropy patching: BLTProcessor.patch_lengths hides ids >= 260 from the 260-id entropy ByteLM
+        # (PAD in their place) and makes each of them a patch of its own (components/blt.py, tested there)
         self.save_hyperparameters(ignore=["titans_config", "blt_config"])
         self.hparams["titans_config"] = asdict(titans_config)
         self.hparams["blt_config"] = asdict(blt_config)

@@ -51,18 +51,53 @@ def test_small_blt_config_counts_every_parameter_once(tmp_path, capsys):
     assert counts["titans"]["total"] > 0 and counts["mvot"]["total"] == 0
 
 
+def vqvae_config(tmp_path: Path, **init_args) -> Path:
+    path = tmp_path / "vqvae.yaml"
+    path.write_text(yaml.safe_dump({"model": {"class_path": "neat_lightning.modules.VQVAE", "init_args": init_args}}))
+    return path
+
+
+def test_mvot_path_counts_its_visual_rows_decision_head_and_the_frozen_vqvae(tmp_path, capsys):
+    tiny_vq = dict(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4, kmeans_init=False)
+    code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_mvot.yaml"),
+                            "--model.init_args.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
+                            "--vqvae-config", str(vqvae_config(tmp_path, **tiny_vq)))
+    assert code == 0, text
+    rows = {r["component"]: r for r in table["rows"]}
+    from neat_lightning.modules import VQVAE
+
+    frozen = sum(p.numel() for p in VQVAE(**tiny_vq).parameters())
+    dim = yaml.safe_load((REPO / "configs/neat_mvot.yaml").read_text())["model"]["init_args"]["dim"]
+    assert rows["mvot"]["frozen"] == frozen and rows["total"]["frozen"] == frozen  # nothing else is frozen here
+    assert rows["mvot"]["trainable"] == (2 + 128) * dim + (dim + 1)  # visual rows of the tied embedding + decision
+    assert sum(rows[c]["total"] for c in COMPONENTS) == rows["total"]["total"]
+    text = " ".join(text.split())
+    assert f"MVoT visual path includes the frozen VQ-VAE: {frozen / 1e6:.2f}M" in text
+    assert "missing.ckpt' not found: counted with an untrained VQ-VAE built from" in text
+
+
 @pytest.mark.slow
 def test_100m_config_meets_the_seed_split(tmp_path, capsys):
     entropy = ByteLM(dim=368, n_layers=6, heads=8, block_size=512, window=512, tie_weights=False)
     ckpt = save_untrained(entropy, tmp_path / "entropy.ckpt")
     code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_100m.yaml"),
-                            "--model.init_args.entropy_model_ckpt", ckpt)
+                            "--model.init_args.entropy_model_ckpt", ckpt,
+                            "--model.init_args.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
+                            "--vqvae-config", str(REPO / "configs/vqvae.yaml"))
     assert code == 0, text
     rows = {r["component"]: r for r in table["rows"]}
-    for name in ("latent", "blt", "titans", "other", "total"):
+    for name in (*COMPONENTS, "total"):
         assert abs(rows[name]["deviation_pct"]) <= 10.0, rows[name]
-    assert rows["mvot"]["total"] == 0  # not built yet: the placeholder row
-    assert "MVoT visual path: not built" in text and "frozen BLT entropy model" in text
+    # MVoT: the trained part alone (visual rows of the BLT embedding / head, decision head) also meets its target;
+    # the frozen part is the seed-sized VQ-VAE of configs/vqvae.yaml, the rest of the model's frozen part the entropy LM
+    assert abs(rows["mvot"]["trainable"] - 10e6) <= 1e6, rows["mvot"]
+    from neat_lightning.modules import VQVAE
+
+    vq = VQVAE(**yaml.safe_load((REPO / "configs/vqvae.yaml").read_text())["model"]["init_args"])
+    assert rows["mvot"]["frozen"] == sum(p.numel() for p in vq.parameters())
+    assert rows["other"]["frozen"] == sum(p.numel() for p in entropy.parameters())
+    text = " ".join(text.split())
+    assert "MVoT visual path includes the frozen VQ-VAE" in text and "frozen BLT entropy model" in text
 
 
 def test_gpu_config_is_the_100m_config_with_a_ddp_trainer():
@@ -83,6 +118,10 @@ def test_gpu_config_is_the_100m_config_with_a_ddp_trainer():
         (["--config", "configs/neat_blt.yaml", "--trainer.max_steps", "3"], r"unknown option '--trainer.max_steps'"),
         (["--config", "configs/neat_blt.yaml", "--target", "svf=3"], r"--target 'svf=3': expected NAME=N"),
         (["--config", "configs/neat_blt.yaml", "--model.init_args.frontend", "tokens"], r"cannot build the model"),
+        (["--config", "configs/neat_mvot.yaml", "--model.init_args.vqvae_ckpt", "missing.ckpt"],
+         r"--vqvae-config 'configs/vqvae.yaml': codebook_size=8192, but the model has visual_vocab_size=128"),
+        (["--config", "configs/neat_mvot.yaml", "--model.init_args.vqvae_ckpt", "missing.ckpt", "--vqvae-config",
+          "nowhere.yaml"], r"vqvae_ckpt not found and --vqvae-config: no such file: 'nowhere.yaml'"),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(argv, match, capsys, monkeypatch):

@@ -57,8 +57,6 @@ def test_vqvae_checkpoint_errors_name_the_field_and_both_shapes(vqvae_ckpt, tmp_
         tiny(None)
     with pytest.raises(ValueError, match=r"mvot_lambda=-0.1 and decision_weight=1.0 must be >= 0"):
         tiny(vqvae_ckpt, mvot_lambda=-0.1)
-    with pytest.raises(ValueError, match=r"mvot=True with frontend='blt' needs blt_config.patching 'static' or"):
-        tiny(vqvae_ckpt, frontend="blt")
     missing = str(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match=r"vqvae_ckpt='.*missing.ckpt': no such file"):
         tiny(missing)
