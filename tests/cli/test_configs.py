@@ -27,7 +27,8 @@ OVERRIDES = {
     # ~100M parameters: one short fp32 row with static patching still runs every component's code path
     **{name: ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "256",
               "--model.init_args.block_size", "256", "--trainer.precision", "32-true",
-              "--model.init_args.blt_config.patching", "static"] for name in ("neat_100m.yaml", "neat_100m_gpu.yaml")},
+              "--model.init_args.blt_config.patching", "static", "--model.init_args.vqvae_ckpt", "{vqvae_8192_ckpt}"]
+       for name in ("neat_100m.yaml", "neat_100m_gpu.yaml")},
 }
 SLOW = {"neat_100m.yaml", "neat_100m_gpu.yaml"}
 
@@ -50,7 +51,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     trainer.save_checkpoint(root / "entropy.ckpt")
     vqvae = VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4, kmeans_init=False)
     save_vqvae_checkpoint(vqvae, root / "vqvae.ckpt")
-    return {"entropy_ckpt": str(root / "entropy.ckpt"), "vqvae_ckpt": str(root / "vqvae.ckpt")}
+    # the 100M configs' codebook shape (K 8192 x 512, configs/vqvae.yaml), tiny convolutions
+    vqvae = VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=8192, embed_dim=512, lookup_dim=8,
+                  cosine=True, kmeans_init=False)
+    save_vqvae_checkpoint(vqvae, root / "vqvae_8192.ckpt")
+    return {"entropy_ckpt": str(root / "entropy.ckpt"), "vqvae_ckpt": str(root / "vqvae.ckpt"),
+            "vqvae_8192_ckpt": str(root / "vqvae_8192.ckpt")}
 
 
 def overrides(name: str, checkpoints: dict[str, str]) -> list[str]:
