@@ -114,8 +114,11 @@ def stand_in_vqvae(vqvae_config: Path, visual_vocab_size: int, directory: Path) 
     if codebook != visual_vocab_size:
         raise CommandError(f"--vqvae-config {str(vqvae_config)!r}: codebook_size={codebook}, but the model has "
                            f"visual_vocab_size={visual_vocab_size}; they must be equal")
-    with torch.random.fork_rng(devices=[]):
-        vqvae = VQVAE(**init)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            vqvae = VQVAE(**init)
+    except (TypeError, ValueError) as err:
+        raise CommandError(f"--vqvae-config {str(vqvae_config)!r}: cannot build its VQVAE: {err}") from None
     return str(save_vqvae_checkpoint(vqvae, directory / "vqvae_stand_in.ckpt"))
 
 
@@ -254,15 +257,17 @@ def main(argv: list[str]) -> int:
     for r in rows:
         dev = r["deviation_pct"]
         table.add_row(r["label"], f"{r['target'] / 1e6:.1f}M", f"{r['total'] / 1e6:.2f}M",
-                      "-" if dev is None else f"{dev:+.1f}%", f"{r['trainable'] / 1e6:.2f}M", f"{r['frozen'] / 1e6:.2f}M")
+                      "-" if dev is None else f"{dev:+.1f}%", f"{r['trainable'] / 1e6:.2f}M",
+                      f"{r['frozen'] / 1e6:.2f}M")
     console.print(table)
     if "entropy_model" in counts:
         console.print(f"SVF / other includes the frozen BLT entropy model: {counts['entropy_model']['total'] / 1e6:.2f}M "
                       "(loaded from entropy_model_ckpt, not trained, not in the checkpoint)")
     if "vqvae" in counts:
         m = counts["mvot"]
-        console.print(f"MVoT visual path includes the frozen VQ-VAE: {counts['vqvae']['total'] / 1e6:.2f}M (loaded from "
-                      f"vqvae_ckpt, not trained, saved in the checkpoint); trained: {m['trainable'] / 1e6:.2f}M "
+        console.print(f"MVoT visual path includes the frozen VQ-VAE: {counts['vqvae']['total'] / 1e6:.2f}M "
+                      f"(loaded from vqvae_ckpt, not trained, saved in the checkpoint); trained: "
+                      f"{m['trainable'] / 1e6:.2f}M "
                       f"({deviation(m['trainable'], targets['mvot']):+.1f}% of its target)")
     if counts["mvot"]["total"] == 0:
         console.print("MVoT visual path: not built by this config (mvot: false); its target is not met")
