@@ -219,9 +219,14 @@ class MVoTPath(nn.Module):
         super().__init__()
         self.vocab = VisualVocab(int(vqvae.codebook_size), tuple(grid))
         self.frozen = FrozenModule(vqvae)
-        # a buffer of the state dict: a checkpoint keeps the distances it was trained with
-        self.register_buffer("distances", vqvae.codebook_distances().float().clone())
+        # (K, K) is 268 MB at K = 8192: not saved, but recomputed from the frozen codebook the checkpoint does carry
+        self.register_buffer("distances", vqvae.codebook_distances().float().clone(), persistent=False)
         self.decision = nn.Linear(dim, 1)  # hidden (B, T, C) -> logit of "the next token is BOI"
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_distances())
+
+    @torch.no_grad()
+    def _refresh_distances(self) -> None:
+        self.distances.copy_(self.vqvae.codebook_distances().float())
 
     @property
     def vqvae(self) -> nn.Module:

@@ -97,3 +97,21 @@ def test_constrained_decoding_writes_whole_images():
     assert (rows[1] < VOCAB_SIZE).all()  # no decision: text only
     assert image_counts(rows[:, :3], VOCAB).tolist() == [2, NO_IMAGE]
     assert image_counts(rows[:, : VOCAB.image_length], VOCAB).tolist() == [NO_IMAGE, NO_IMAGE]
+
+
+def test_codebook_distances_are_rebuilt_from_the_loaded_codebook_not_saved():
+    from neat_lightning.components.mvot import MVoTPath
+    from neat_lightning.modules import VQVAE
+
+    def path(seed: int) -> MVoTPath:
+        torch.manual_seed(seed)
+        vq = VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=16, embed_dim=4, kmeans_init=False)
+        return MVoTPath(vq, dim=8, grid=vq.grid_shape(32))
+
+    source, target = path(0), path(0)
+    state = source.state_dict()
+    assert "distances" not in state
+    state["frozen.module.quantizer.embed"] = 2 * state["frozen.module.quantizer.embed"]  # a different codebook
+    target.load_state_dict(state)
+    assert torch.allclose(target.distances, 2 * source.distances)
+    assert torch.equal(target.distances, target.vqvae.codebook_distances())
