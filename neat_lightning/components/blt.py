@@ -374,13 +374,21 @@ class BLTProcessor(nn.Module):
         extra = ids >= VOCAB_SIZE  # (B, T)
         byte_ids = ids.masked_fill(extra, PAD_ID) if bool(extra.any()) else ids
         mask = self.patcher.start_mask(byte_ids, threshold=self.threshold if self.config.patching == "entropy" else None)
+        # the controller holds the boundary ratio of the entropy rule over byte positions: image ids and the byte
+        # after each are patch starts by construction, and counting them would push θ up on image-heavy batches
+        ruled = None
         if byte_ids is not ids:
-            mask = mask | extra | F.pad(extra[:, :-1], (1, 0), value=False)
+            forced = extra | F.pad(extra[:, :-1], (1, 0), value=False)  # (B, T)
+            mask, ruled = mask | forced, ~forced
         if update and exists(self.controller):
-            ratio = mask.float().mean()
+            if ruled is None:
+                ratio = mask.float().mean()
+            else:  # no byte position left (all image ids): an empty ratio, θ holds
+                ratio = (mask & ruled).float().sum() / ruled.float().sum().clamp_min(1)
             if exists(reduce_ratio):
                 ratio = reduce_ratio(ratio)
-            self.controller.observe(float(ratio))
+            if ruled is None or bool(ruled.any()):
+                self.controller.observe(float(ratio))
         return patch_lengths_from_start_mask(mask)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -145,6 +145,30 @@ def test_adaptive_threshold_moves_only_when_asked_and_travels_in_the_state_dict(
     assert len(seen) == 1 and blt.controller.last_ratio == pytest.approx(0.1)
 
 
+def test_adaptive_threshold_observes_the_ratio_over_byte_positions_only():
+    """Image ids (>= 260) and the byte after each are forced patch starts; the controller must not count them."""
+    blt = processor("entropy", threshold=6.0)  # untrained entropies ~5.5 nats: few entropy starts at 6.0
+    ids = text_ids(1)
+    T = ids.shape[1]
+    blt.patch_lengths(ids, update=True)
+    bytes_only = blt.controller.last_ratio
+    mixed = ids.clone()
+    mixed[0, 10:30] = 262 + torch.arange(20)  # an image-like run of visual ids
+    blt2 = processor("entropy", threshold=6.0)
+    lengths = blt2.patch_lengths(mixed, update=True)
+    starts = (lengths > 0).sum().item()
+    assert starts / T > bytes_only + 20 / T - 1e-6  # the image run itself adds >= 20 starts to the patching ...
+    ruled = torch.ones(T, dtype=torch.bool)
+    ruled[10:31] = False  # ... but the ratio is over the 41 byte positions the entropy rule decides
+    entropy_starts = starts - 21
+    assert blt2.controller.last_ratio == pytest.approx(entropy_starts / int(ruled.sum()))
+    assert blt2.controller.last_ratio < 0.5 * starts / T
+    all_image = torch.full((1, 12), 300)
+    before = blt2.controller.state_dict()
+    blt2.patch_lengths(all_image, update=True)  # no byte position: nothing to observe, θ holds
+    assert blt2.controller.state_dict() == before
+
+
 def test_static_patches_and_padding_patches_give_finite_outputs():
     blt = processor("static", patch_size=8)
     ids = text_ids(2)
