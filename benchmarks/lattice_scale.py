@@ -3,7 +3,7 @@ AdamW step) with and without the memory savers, ``estimate_memory`` against the 
 soak (RSS over 2,000 training steps).
 
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part estimate     # 5+ sizes, estimate vs measured
-    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part full         # 128x128x96 (D=96), savers on
+    OMP_NUM_THREADS=2 python benchmarks/lattice_scale.py --part full         # 128x128x96 (D=96), T=95, with/without savers
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part savers       # with vs without savers, largest safe size
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part soak         # 2,000 steps with MemoryCleanup
     python benchmarks/lattice_scale.py --case '{"size": [8, 8, 8], ...}'    # one case, prints JSON
@@ -193,8 +193,8 @@ def table(rows: list[dict]) -> None:
 def estimate_gib(steps: int, **kw) -> float:
     from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
 
-    cfg = MemoryConfig(size=(96, 128, 128), channels=16, steps=steps, checkpoint_every=SAVERS["checkpoint_every"],
-                       stencil="shift", **kw)
+    kw = {"checkpoint_every": SAVERS["checkpoint_every"], "stencil": "shift", **kw}
+    cfg = MemoryConfig(size=(96, 128, 128), channels=16, steps=steps, **kw)
     return estimate_memory(cfg) / GIB
 
 
@@ -209,7 +209,9 @@ def main() -> None:
     parser.add_argument("--rss-limit-gib", type=float, default=17.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--full-steps", type=int, nargs="+", default=None,
-                        help="lattice steps of the full-size cases (default 6 12)")
+                        help="lattice steps of the full-size cases with savers (default 95 = D - 1)")
+    parser.add_argument("--no-saver-steps", type=int, nargs="*", default=[3, 6],
+                        help="lattice steps of the full-size cases without savers (slope for T = 95)")
     args = parser.parse_args()
     if args.case:
         case = json.loads(args.case)
@@ -222,23 +224,30 @@ def main() -> None:
         rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
     elif args.part == "full":
         # fp32: this CPU has no bf16 units (bf16 matmuls are emulated and slower); memory savers = shift + ckpt.
-        # T = 95 steps take over an hour per training step here, so T = 6 and 12 give the per-step slope
-        cases = [{"size": [96, 128, 128], "channels": 16, "steps_override": t, "repeats": 0, **SAVERS,
-                  "precision": "32-true"} for t in (args.full_steps or [6, 12])]
+        # T = D - 1 = 95 is the module's own step count (the input must reach the output face). Without savers the
+        # full T does not fit in RAM, so its cost is measured at small T on the same lattice and extrapolated along
+        # the measured per-step slope (the estimate's own no-saver figure is printed beside it).
+        T = 95
+        cases = [{"size": [96, 128, 128], "channels": 16, "repeats": 0, **SAVERS, "precision": "32-true",
+                  **({} if t == T else {"steps_override": t})} for t in (args.full_steps or [T])]
+        cases += [{"size": [96, 128, 128], "channels": 16, "steps_override": t, "repeats": 0, **NO_SAVERS}
+                  for t in args.no_saver_steps]
         rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
-        ok = [r for r in rows if "error" not in r]
-        if len(ok) >= 2:
+        for stencil, ckpt in (("shift", SAVERS["checkpoint_every"]), ("sparse", 0)):
+            ok = [r for r in rows if "error" not in r and r.get("stencil") == stencil and not r.get("extrapolated")]
+            if len(ok) < 2 or any(r["steps"] == T for r in ok):
+                continue
             a, b = ok[0], ok[-1]
             dt = (b["s_per_step"] - a["s_per_step"]) / (b["steps"] - a["steps"])
             dm = (b["peak_rss_gib"] - a["peak_rss_gib"]) / (b["steps"] - a["steps"])
-            T = 95
-            extra = {"size": [96, 128, 128], "steps": T, "extrapolated": True, "stencil": "shift",
-                     "checkpoint_every": SAVERS["checkpoint_every"], "precision": "32-true",
+            extra = {"size": [96, 128, 128], "steps": T, "extrapolated": True, "stencil": stencil,
+                     "checkpoint_every": ckpt, "precision": "32-true",
                      "s_per_step": b["s_per_step"] + dt * (T - b["steps"]),
-                     "peak_rss_gib": b["peak_rss_gib"] + dm * (T - b["steps"]), "estimate_gib": estimate_gib(T)}
+                     "peak_rss_gib": b["peak_rss_gib"] + dm * (T - b["steps"]),
+                     "estimate_gib": estimate_gib(T, stencil=stencil, checkpoint_every=ckpt)}
             rows.append(extra)
-            print(f"extrapolated to T={T}: {extra['s_per_step']:.0f} s/step, peak {extra['peak_rss_gib']:.2f} GiB "
-                  f"(estimate {extra['estimate_gib']:.2f} GiB)")
+            print(f"{stencil}, ckpt {ckpt}: extrapolated to T={T}: {extra['s_per_step']:.0f} s/step, peak "
+                  f"{extra['peak_rss_gib']:.2f} GiB (estimate {extra['estimate_gib']:.2f} GiB)")
     elif args.part == "savers":
         size = [32, 48, 48]
         rows = [run_guarded({"size": size, "channels": 16, **v}, args.rss_limit_gib, args.timeout_s)
