@@ -3,7 +3,7 @@ AdamW step) with and without the memory savers, ``estimate_memory`` against the 
 soak (RSS over 2,000 training steps).
 
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part estimate     # 5+ sizes, estimate vs measured
-    OMP_NUM_THREADS=2 python benchmarks/lattice_scale.py --part full         # 128x128x96 (D=96), T=95, with/without savers
+    OMP_NUM_THREADS=2 python benchmarks/lattice_scale.py --part full         # 128x128x96, T=95; with/without savers
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part savers       # with vs without savers, largest safe size
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part soak         # 2,000 steps with MemoryCleanup
     python benchmarks/lattice_scale.py --case '{"size": [8, 8, 8], ...}'    # one case, prints JSON
@@ -176,6 +176,29 @@ def save(part: str, rows) -> None:
     tmp.replace(RESULTS)  # atomic
 
 
+def merge_previous(part: str, rows: list[dict]) -> list[dict]:
+    """Rows of an earlier run of ``part`` that this run did not repeat (same stencil, checkpointing and T) are kept,
+    their ``estimate_gib`` recomputed with the current ``estimate_memory``; sorted by (stencil, T)."""
+    from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
+
+    key = lambda r: (r.get("stencil", "sparse"), r.get("checkpoint_every", 0), r.get("steps"))  # noqa: E731
+    old = json.loads(RESULTS.read_text()).get(part, {}).get("rows", []) if RESULTS.exists() else []
+    fresh = {key(r) for r in rows}
+    kept = []
+    for r in old:
+        if r.get("extrapolated") or "error" in r or key(r) in fresh:
+            continue
+        cfg = MemoryConfig(size=tuple(r["size"]), channels=r.get("channels", 16), steps=r["steps"],
+                           checkpoint_every=r.get("checkpoint_every", 0), stencil=r.get("stencil", "sparse"),
+                           runtime_bytes=int(r.get("runtime_rss_gib", 0) * GIB))
+        kept.append({**r, "estimate_gib": estimate_memory(cfg) / GIB, "kept_from": old_when(part)})
+    return sorted(kept + rows, key=lambda r: (r.get("stencil", "sparse") != "shift", r.get("steps") or 0))
+
+
+def old_when(part: str) -> str | None:
+    return json.loads(RESULTS.read_text()).get(part, {}).get("when") if RESULTS.exists() else None
+
+
 def table(rows: list[dict]) -> None:
     print(f"{'D×H×W':>12} {'T':>3} {'stencil':>7} {'ckpt':>4} {'precision':>10} {'s/step':>8} {'peak GiB':>9} "
           f"{'estimate':>9} {'est/meas':>8}")
@@ -208,7 +231,7 @@ def main() -> None:
     parser.add_argument("--case", help="run one case (JSON) in this process and print its result")
     parser.add_argument("--rss-limit-gib", type=float, default=17.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
-    parser.add_argument("--full-steps", type=int, nargs="+", default=None,
+    parser.add_argument("--full-steps", type=int, nargs="*", default=None,
                         help="lattice steps of the full-size cases with savers (default 95 = D - 1)")
     parser.add_argument("--no-saver-steps", type=int, nargs="*", default=[3, 6],
                         help="lattice steps of the full-size cases without savers (slope for T = 95)")
@@ -228,16 +251,19 @@ def main() -> None:
         # full T does not fit in RAM, so its cost is measured at small T on the same lattice and extrapolated along
         # the measured per-step slope (the estimate's own no-saver figure is printed beside it).
         T = 95
+        full_steps = [T] if args.full_steps is None else args.full_steps
         cases = [{"size": [96, 128, 128], "channels": 16, "repeats": 0, **SAVERS, "precision": "32-true",
-                  **({} if t == T else {"steps_override": t})} for t in (args.full_steps or [T])]
+                  **({} if t == T else {"steps_override": t})} for t in full_steps]
         cases += [{"size": [96, 128, 128], "channels": 16, "steps_override": t, "repeats": 0, **NO_SAVERS}
                   for t in args.no_saver_steps]
         rows = [run_guarded(c, args.rss_limit_gib, args.timeout_s) for c in cases]
+        rows = merge_previous("full", rows)
         for stencil, ckpt in (("shift", SAVERS["checkpoint_every"]), ("sparse", 0)):
             ok = [r for r in rows if "error" not in r and r.get("stencil") == stencil and not r.get("extrapolated")]
             if len(ok) < 2 or any(r["steps"] == T for r in ok):
                 continue
-            a, b = ok[0], ok[-1]
+            # the two largest T: at small T the sparse case's peak is the CSR build, not the step
+            a, b = ok[-2], ok[-1]
             dt = (b["s_per_step"] - a["s_per_step"]) / (b["steps"] - a["steps"])
             dm = (b["peak_rss_gib"] - a["peak_rss_gib"]) / (b["steps"] - a["steps"])
             extra = {"size": [96, 128, 128], "steps": T, "extrapolated": True, "stencil": stencil,

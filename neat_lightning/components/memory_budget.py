@@ -8,8 +8,9 @@ peak, per cell ``N = D·H·W`` and batch element ``B``:
 - **per-cell buffers**: connections (26 floats), pruning mask (26 bools), cluster ids (int64), STDP trace and BCM
   threshold (float each), plus during the step the effective connections, the message operator's weights and the
   plasticity update's temporaries (~4 more ``(N, 26)`` float fields);
-- **stencils**: ``stencil="sparse"`` stores CSR index/value buffers (~3.5 kB per cell, and about as much again while
-  they are built); ``"shift"`` stores none;
+- **stencils**: ``stencil="sparse"`` stores CSR index/value buffers (~3.5 kB per cell); ``"shift"`` stores none.
+  Building them takes about as much again, once, before any activation exists: the estimate is the larger of that
+  build peak and the step's peak (at 96×128×128 with T = 3 the build is the larger);
 - **saved activations** per lattice step and cell·batch: the perception (``6C``), the MLP's hidden pre- and
   post-activation (``2h``), the firing mask (1) — 4 bytes each in fp32; under ``bf16-mixed`` the MLP's saved
   tensors are bf16 (2 bytes). Without checkpointing all ``T`` steps are kept; with ``checkpoint_every=k`` only the
@@ -97,7 +98,7 @@ def estimate_memory(config: MemoryConfig) -> int:
     # per-cell buffers: connections 26·4 + mask 26 + cluster ids 8 + trace, theta 2·4, and ~4 (N, 26) float
     # temporaries while the step runs (effective connections, message weights, plasticity deltas)
     buffers = N * (26 * 4 + 26 + 8 + 8 + 4 * 26 * 4)
-    stencils = N * 2 * 3_500 if config.stencil == "sparse" else 0  # CSR buffers + as much while building them
+    stencils = N * 3_500 if config.stencil == "sparse" else 0  # CSR buffers, kept for the module's lifetime
     per_step = N * B * (6 * C * act + 2 * h * act + 4)  # saved activations of one lattice step
     state = N * B * C * 4
     if config.checkpoint_every > 0:
@@ -115,7 +116,10 @@ def estimate_memory(config: MemoryConfig) -> int:
         + (6 * C + 1) * h + (h + 1) * C  # the rule
     ) * 4
     face = B * H * W * (E + C) * 4 * (2 + 2 * config.decoder_layers)  # decoder memory, cross-attention keys/values
-    return int(config.runtime_bytes + buffers + stencils + saved + transient + history + 4 * params + face)
+    # building the CSR buffers needs about as much again, before the first step: the peak is the larger of the two
+    build = 2 * stencils + 4 * params
+    step = buffers + stencils + saved + transient + history + 4 * params + face
+    return int(config.runtime_bytes + max(build, step))
 
 
 def largest_lattice_within(
