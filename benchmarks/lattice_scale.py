@@ -182,21 +182,17 @@ def merge_previous(part: str, rows: list[dict]) -> list[dict]:
     from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
 
     key = lambda r: (r.get("stencil", "sparse"), r.get("checkpoint_every", 0), r.get("steps"))  # noqa: E731
-    old = json.loads(RESULTS.read_text()).get(part, {}).get("rows", []) if RESULTS.exists() else []
+    previous = json.loads(RESULTS.read_text()).get(part, {}) if RESULTS.exists() else {}
     fresh = {key(r) for r in rows}
     kept = []
-    for r in old:
-        if r.get("extrapolated") or "error" in r or key(r) in fresh:
+    for r in previous.get("rows", []):
+        if r.get("extrapolated") or r.get("estimate_only") or "error" in r or key(r) in fresh:  # measured rows only
             continue
         cfg = MemoryConfig(size=tuple(r["size"]), channels=r.get("channels", 16), steps=r["steps"],
                            checkpoint_every=r.get("checkpoint_every", 0), stencil=r.get("stencil", "sparse"),
                            runtime_bytes=int(r.get("runtime_rss_gib", 0) * GIB))
-        kept.append({**r, "estimate_gib": estimate_memory(cfg) / GIB, "kept_from": old_when(part)})
+        kept.append({**r, "estimate_gib": estimate_memory(cfg) / GIB, "kept_from": previous.get("when")})
     return sorted(kept + rows, key=lambda r: (r.get("stencil", "sparse") != "shift", r.get("steps") or 0))
-
-
-def old_when(part: str) -> str | None:
-    return json.loads(RESULTS.read_text()).get(part, {}).get("when") if RESULTS.exists() else None
 
 
 def table(rows: list[dict]) -> None:

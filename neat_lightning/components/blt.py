@@ -352,14 +352,15 @@ class BLTProcessor(nn.Module):
         return self.controller.threshold if exists(self.controller) else self.config.threshold
 
     def patch_lengths(
-        self, ids: torch.Tensor, update: bool = False, reduce_ratio: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, ids: torch.Tensor, update: bool = False, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Patch a batch.
 
         Args:
             ids: (B, T) int64 byte ids.
             update: let the adaptive controller observe this batch's boundary ratio (training steps only).
-            reduce_ratio: averages the ratio over processes (DDP ranks) before the update, so ranks agree on θ.
+            reduce_mean: averages a tensor over processes (DDP ranks); applied to the (2,) boundary and position
+                counts before the update, so every rank observes the pooled ratio and keeps the same θ.
 
         Returns:
             (B, P) int64 patch lengths padded with 0, rows summing to T.
@@ -374,21 +375,18 @@ class BLTProcessor(nn.Module):
         extra = ids >= VOCAB_SIZE  # (B, T)
         byte_ids = ids.masked_fill(extra, PAD_ID) if bool(extra.any()) else ids
         mask = self.patcher.start_mask(byte_ids, threshold=self.threshold if self.config.patching == "entropy" else None)
-        # the controller holds the boundary ratio of the entropy rule over byte positions: image ids and the byte
-        # after each are patch starts by construction, and counting them would push θ up on image-heavy batches
-        ruled = None
+        ruled = torch.ones_like(mask)  # (B, T) positions whose start the patching rule decides
         if byte_ids is not ids:
             forced = extra | F.pad(extra[:, :-1], (1, 0), value=False)  # (B, T)
             mask, ruled = mask | forced, ~forced
         if update and exists(self.controller):
-            if ruled is None:
-                ratio = mask.float().mean()
-            else:  # no byte position left (all image ids): an empty ratio, θ holds
-                ratio = (mask & ruled).float().sum() / ruled.float().sum().clamp_min(1)
-            if exists(reduce_ratio):
-                ratio = reduce_ratio(ratio)
-            if ruled is None or bool(ruled.any()):
-                self.controller.observe(float(ratio))
+            # the controller holds the rule's boundary ratio over byte positions: image ids and the byte after each
+            # are starts by construction, and counting them would push θ up on image-heavy batches
+            counts = torch.stack([(mask & ruled).sum(), ruled.sum()]).float()  # (2,) starts, positions
+            if exists(reduce_mean):
+                counts = reduce_mean(counts)  # the ratio of the means over ranks is the pooled ratio
+            if counts[1] > 0:  # no byte position anywhere (all image ids): nothing to observe, θ holds
+                self.controller.observe(float(counts[0] / counts[1]))
         return patch_lengths_from_start_mask(mask)
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -368,10 +368,10 @@ class NeatModel(TextGenerationMixin, NeatModule):
         (averaged over DDP ranks, so every rank keeps the same threshold)."""
         if self.blt is None:
             raise ValueError("patch_lengths needs frontend='blt'")
-        reduce_ratio = None
+        reduce_mean = None
         if self._trainer is not None and self.trainer.world_size > 1:
-            reduce_ratio = lambda r: self.trainer.strategy.reduce(r, reduce_op="mean")  # noqa: E731
-        return self.blt.patch_lengths(ids, update=update, reduce_ratio=reduce_ratio)
+            reduce_mean = lambda t: self.trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
+        return self.blt.patch_lengths(ids, update=update, reduce_mean=reduce_mean)
 
     def forward(self, ids: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
         """ids: (B, T) int64 -> next-byte logits (B, T, 260)."""

@@ -141,8 +141,10 @@ def test_adaptive_threshold_moves_only_when_asked_and_travels_in_the_state_dict(
     other.load_state_dict(blt.state_dict())
     assert other.controller.state_dict() == blt.controller.state_dict()
     seen = []
-    blt.patch_lengths(ids, update=True, reduce_ratio=lambda r: seen.append(float(r)) or r * 0 + 0.1)
+    pooled = torch.tensor([1.0, 10.0])  # what other ranks would make of it: 1 start in 10 positions
+    blt.patch_lengths(ids, update=True, reduce_mean=lambda counts: seen.append(counts) or pooled)
     assert len(seen) == 1 and blt.controller.last_ratio == pytest.approx(0.1)
+    assert seen[0].shape == (2,) and seen[0][1] == ids.numel()  # (starts, positions): ranks pool, then divide
 
 
 def test_adaptive_threshold_observes_the_ratio_over_byte_positions_only():
