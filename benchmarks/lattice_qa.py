@@ -51,7 +51,7 @@ def face_transfer(model, questions) -> dict:
     from einops import rearrange
 
     from neat_lightning.components.lattice import run_lattice
-    from neat_lightning.data.codec import PAD_ID
+    from neat_lightning.codec import PAD_ID
 
     model.eval()
     face = rearrange(model.encoder(questions, PAD_ID), "b n c -> n b c").detach().requires_grad_(True)

@@ -55,7 +55,7 @@ def case_step(case: dict) -> dict:
     import torch
 
     from neat_lightning.components.memory_budget import MemoryConfig, estimate_memory
-    from neat_lightning.data.codec import BOS_ID, EOS_ID
+    from neat_lightning.codec import BOS_ID, EOS_ID
     from neat_lightning.modules.lattice import LatticeNetwork
 
     torch.manual_seed(0)

@@ -41,7 +41,8 @@ from neat_lightning.components.patching import (
     patch_statistics,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.bytes import builtin_documents, ids_from_bytes, split_documents, stream_from_documents
+from neat_lightning.codec import ids_from_bytes
+from neat_lightning.data.bytes import builtin_documents, split_documents, stream_from_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "patching.json"

@@ -56,6 +56,25 @@ class Releasable(Protocol):
     def release_memory(self) -> int: ...
 
 
+@runtime_checkable
+class MemoryPrunable(Protocol):
+    """Optional: a module that prunes its own memory (else :func:`prune_low_importance` prunes episodic buffers)."""
+
+    def prune_memory(self, fraction: float) -> int: ...
+
+@runtime_checkable
+class StagedLattice(Protocol):
+    """What clustering and pruning stages need besides ``Plastic``."""
+
+    def set_clustering_enabled(self, enabled: bool) -> None: ...
+
+    def prune_connections(self, sparsity: float) -> float: ...
+
+@runtime_checkable
+class Growable(Protocol):
+    def grow(self, size: tuple[int, int, int], steps: int | None = None) -> dict[str, torch.nn.Parameter]: ...
+
+
 def missing_methods(obj: object, protocol: type) -> list[str]:
     """Names of the protocol's methods that ``obj`` lacks (empty when it conforms)."""
     wanted = [n for n in getattr(protocol, "__protocol_attrs__", ()) if not n.startswith("_")]

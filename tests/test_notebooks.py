@@ -1,7 +1,6 @@
 """Every notebook in notebooks/ executes top to bottom on tiny settings (NEAT_NOTEBOOK_FAST=1) and is committed
 with its outputs stripped."""
 
-import os
 from pathlib import Path
 
 import pytest

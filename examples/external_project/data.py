@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from neat_lightning.data.bytes import PAD_ID, encode
+from neat_lightning.codec import PAD_ID, encode
 
 WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "piano", "lemon", "robot", "candle", "forest"]
 

@@ -8,7 +8,7 @@ training batches to the dialogue-scene corpus at the same step. When ``fit`` end
 base weights (``at_end="merge"``: plain architecture again) or keeps them separate (``at_end="keep"``).
 
 Checkpoints and resume:
-  * the injected structure is recorded with ``module.record_structure("lora", ...)`` (``NeatModule``), so
+  * the injected structure is recorded with ``module.record_structure("lora", ...)`` (``ResumableModule``), so
     ``Module.load_from_checkpoint(path)`` alone rebuilds the adapters; a copy is also written under
     ``checkpoint["lora"]`` for other LightningModules, which call
     :func:`~neat_lightning.components.lora.restore_from_checkpoint` in their ``on_load_checkpoint``;
@@ -46,7 +46,7 @@ from neat_lightning.components.lora import (
     rank_for_budget,
     target_names,
 )
-from neat_lightning.modules.optim import warmup_cosine
+from neat_lightning.components.optim import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class LoRAFinalStage(Callback):
                            f"max_steps={trainer.max_steps}; it will not run")
         if not hasattr(pl_module, "record_structure"):
             rank_zero_warn(
-                f"{type(self).__name__}: {type(pl_module).__name__} is not a NeatModule; to load its checkpoints, "
+                f"{type(self).__name__}: {type(pl_module).__name__} is not a ResumableModule; to load its checkpoints, "
                 "call neat_lightning.components.lora.restore_from_checkpoint(self, checkpoint) in its "
                 "on_load_checkpoint"
             )

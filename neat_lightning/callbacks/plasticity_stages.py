@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from neat_lightning.components.plasticity import PROFILES, profile_by_name
-from neat_lightning.protocols import Plastic, missing_methods, require
+from neat_lightning.protocols import Plastic, StagedLattice, missing_methods, require
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,6 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
     Stage(800, "consolidation", clustering=True, sparsity=0.3),
     Stage(1000, "freeze", clustering=True, sparsity=0.7),
 )
-
-
-@runtime_checkable
-class StagedLattice(Protocol):
-    """What clustering and pruning stages need besides ``Plastic``."""
-
-    def set_clustering_enabled(self, enabled: bool) -> None: ...
-
-    def prune_connections(self, sparsity: float) -> float: ...
 
 
 class PlasticityStages(Callback):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import lightning as L
 import torch
@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from neat_lightning.components.memory_budget import SIZE_SCHEDULE, MemoryConfig, estimate_memory
-from neat_lightning.protocols import require
+from neat_lightning.protocols import Growable, require
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ class SizeStage:
 
 
 DEFAULT_SCHEDULE: tuple[SizeStage, ...] = tuple(SizeStage(1000 * i, s) for i, s in enumerate(SIZE_SCHEDULE))
-
-
-@runtime_checkable
-class Growable(Protocol):
-    def grow(self, size: tuple[int, int, int], steps: int | None = None) -> dict[str, torch.nn.Parameter]: ...
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -39,19 +39,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from neat_lightning.protocols import MemoryConsolidator, require
+from neat_lightning.protocols import MemoryConsolidator, MemoryPrunable, require
 
 log = logging.getLogger(__name__)
 
 WAKE, SLEEP = "wake", "sleep"
 CONSOLIDATE_ARGS = ("steps", "lr", "max_items")
-
-
-@runtime_checkable
-class MemoryPrunable(Protocol):
-    """Optional: a module that prunes its own memory (else :func:`prune_low_importance` prunes episodic buffers)."""
-
-    def prune_memory(self, fraction: float) -> int: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from neat_lightning.data.codec import VOCAB_SIZE
+from neat_lightning.codec import VOCAB_SIZE
 
 COMPONENTS = ("latent", "blt", "titans", "mvot", "other")
 LABELS = {

@@ -25,7 +25,7 @@ from neat_lightning.components.patching import (
     calibrate_threshold,
     patch_statistics,
 )
-from neat_lightning.data.codec import ids_from_bytes
+from neat_lightning.codec import ids_from_bytes
 
 DEFAULT_TARGET_PATCH_SIZE = 4.5  # BLT's average entropy patch size
 

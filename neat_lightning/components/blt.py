@@ -50,7 +50,7 @@ from neat_lightning.components.patching import (
     patch_lengths_from_start_mask,
 )
 from neat_lightning.components.transformer import Block, TransformerConfig, rope_angles
-from neat_lightning.data.codec import PAD_ID, VOCAB_SIZE
+from neat_lightning.codec import PAD_ID, VOCAB_SIZE
 
 # the reference's hash primes (bytelatent/model/local_models.py, rolling_polynomial_hash), one per hash function
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133)

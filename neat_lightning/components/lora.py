@@ -386,13 +386,13 @@ CHECKPOINT_KEY = "lora"  # module-agnostic copy of the structure entry, written 
 
 
 def restore_from_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
-    """For LightningModules that do not subclass ``NeatModule``: call this first in ``on_load_checkpoint`` so the
+    """For LightningModules that do not subclass ``ResumableModule``: call this first in ``on_load_checkpoint`` so the
     adapters exist before Lightning loads the state dict. Returns whether adapters were restored.
 
         def on_load_checkpoint(self, checkpoint):
             restore_from_checkpoint(self, checkpoint)
 
-    (``NeatModule`` subclasses need nothing: the ``"lora"`` structure entry is replayed by ``restore_lora``.)
+    (``ResumableModule`` subclasses need nothing: the ``"lora"`` structure entry is replayed by ``restore_lora``.)
     """
     state = checkpoint.get("neat_structure", {}).get("lora") or checkpoint.get(CHECKPOINT_KEY)
     if not state:

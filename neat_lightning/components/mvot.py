@@ -9,7 +9,7 @@ Images enter the byte stream as VQ-VAE codes in their own id range after the 260
     262..262 + K - 1    visual tokens: VQ-VAE code c is id 262 + c
 
 An image is ``BOI`` + its ``h * w`` codes in raster order + ``EOI``. This file holds the layout
-(:class:`VisualVocab`), the token discrepancy loss (:func:`token_discrepancy_loss`), the visualization-decision
+(:class:`~neat_lightning.codec.VisualVocab`), the token discrepancy loss (:func:`token_discrepancy_loss`), the visualization-decision
 head, constrained decoding inside images (:func:`constrain_logits`, :func:`advance`) and :class:`MVoTPath`, the
 ``nn.Module`` a model carries: the frozen VQ-VAE, the codebook distances and the decision head. Plain ``torch``;
 the VQ-VAE is any module with ``encode`` / ``decode`` / ``codebook_distances`` (``modules.VQVAE``).
@@ -19,98 +19,14 @@ Axis legend: ``b`` batch, ``t`` positions, ``v`` vocabulary, ``k`` / ``j`` codes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from neat_lightning.data.codec import PAD_ID, VOCAB_SIZE
+from neat_lightning.codec import PAD_ID, VisualVocab
 
 NO_IMAGE = -1  # decoding state of a row that is writing text (see :func:`advance`)
-
-
-@dataclass(frozen=True)
-class VisualVocab:
-    """The id layout of a byte stream with images of ``grid = (h, w)`` codes from a codebook of ``codebook_size``."""
-
-    codebook_size: int
-    grid: tuple[int, int] = (8, 8)
-    text_vocab: int = VOCAB_SIZE  # the byte codec's ids come first, unchanged
-
-    def __post_init__(self) -> None:
-        if self.codebook_size < 1:
-            raise ValueError(f"visual_vocab_size={self.codebook_size} must be >= 1")
-        h, w = self.grid
-        if h < 1 or w < 1:
-            raise ValueError(f"image token grid (h, w)={tuple(self.grid)} must be positive")
-
-    @property
-    def boi(self) -> int:
-        return self.text_vocab
-
-    @property
-    def eoi(self) -> int:
-        return self.text_vocab + 1
-
-    @property
-    def offset(self) -> int:
-        """Id of code 0."""
-        return self.text_vocab + 2
-
-    @property
-    def vocab_size(self) -> int:
-        return self.offset + self.codebook_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def image_length(self) -> int:
-        """Ids of one image in the stream: BOI + h w codes + EOI."""
-        return self.tokens_per_image + 2
-
-    def is_visual(self, ids: torch.Tensor) -> torch.Tensor:
-        return (ids >= self.offset) & (ids < self.vocab_size)
-
-    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) codes -> (B, h w + 2) ids: BOI, the codes in raster order, EOI."""
-        b = codes.shape[0]
-        flat = rearrange(codes, "b h w -> b (h w)") + self.offset
-        boi = torch.full((b, 1), self.boi, dtype=torch.long, device=codes.device)
-        eoi = torch.full((b, 1), self.eoi, dtype=torch.long, device=codes.device)
-        return torch.cat([boi, flat.long(), eoi], dim=1)
-
-    def codes_from_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, h w) visual ids -> (B, h, w) codes (ids outside the visual range are clamped into it)."""
-        h, w = self.grid
-        codes = (ids - self.offset).clamp(0, self.codebook_size - 1)
-        return rearrange(codes, "b (h w) -> b h w", h=h, w=w)
-
-    def segments(self, ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Split one stream (T,) into ``("text", ids)`` and ``("image", (h, w) codes)`` pieces, in order. An image
-        that is not exactly ``h w`` visual ids between BOI and EOI (e.g. cut off) is returned as ``("broken", ids)``.
-        A loop over the few images of one sequence (post-processing, not a forward pass)."""
-        ids = ids.reshape(-1).cpu()
-        marks = torch.nonzero((ids == self.boi) | (ids == self.eoi)).flatten().tolist()
-        out: list[tuple[str, torch.Tensor]] = []
-        pos, inside = 0, False
-        for m in marks + [len(ids)]:
-            piece = ids[pos:m]
-            if inside:
-                closed = m < len(ids) and int(ids[m]) == self.eoi
-                if closed and len(piece) == self.tokens_per_image and bool(self.is_visual(piece).all()):
-                    out.append(("image", self.codes_from_ids(piece[None])[0]))
-                else:
-                    out.append(("broken", piece))
-            elif len(piece):
-                out.append(("text", piece))
-            if m < len(ids):
-                inside = int(ids[m]) == self.boi
-            pos = m + 1
-        return out
 
 
 def token_discrepancy_loss(

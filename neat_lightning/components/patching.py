@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from neat_lightning.data.codec import BOS_ID, OFFSET, PAD_ID
+from neat_lightning.codec import BOS_ID, OFFSET, PAD_ID
 
 Mode = Literal["entropy", "static", "space"]
 Rule = Literal["global", "monotonic", "both"]

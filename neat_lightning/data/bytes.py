@@ -1,4 +1,4 @@
-"""Byte-level text data: the shared codec, corpus loading and :class:`ByteTextDataModule`.
+"""Byte-level text data: corpus loading and :class:`ByteTextDataModule`.
 
 Sources, in the order they are looked at:
   (a) local text files or globs (``train_files`` / ``val_files``), read as raw bytes (non-UTF-8 is fine);
@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, batch_generator
-from neat_lightning.data.codec import (  # noqa: F401  (re-exported: this module is the codec's public home)
-    BOE_ID,
-    BOS_ID,
-    EOS_ID,
-    OFFSET,
-    PAD_ID,
-    VOCAB_SIZE,
-    bytes_from_ids,
-    decode,
-    encode,
-    ids_from_bytes,
-)
+from neat_lightning.codec import EOS_ID, PAD_ID, ids_from_bytes
 
 log = logging.getLogger(__name__)
 

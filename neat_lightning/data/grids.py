@@ -27,7 +27,6 @@ batches the uninterrupted run would have seen (the same scheme as :mod:`neat_lig
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence

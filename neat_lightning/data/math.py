@@ -27,7 +27,7 @@ import functools
 import hashlib
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches
 
-from neat_lightning.data.codec import BOS_ID, EOS_ID, OFFSET, PAD_ID
+from neat_lightning.codec import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
 MATH_TASKS = ("arithmetic", "algebra", "sequence", "word_problem")
 MEMORY_TASKS = ("fact_recall", "temporal_gap", "surprise")

@@ -6,7 +6,7 @@ and the image of the next state (MVoT: "text action -> next-state image")::
 
     BOS "maze\\n" BOI s_0 EOI "\\nright\\n" BOI s_1 EOI "\\nup\\n" BOI s_2 EOI ... [EOS at the episode's end] PAD ...
 
-Images are the frozen VQ-VAE's codes in the visual id range of :class:`~neat_lightning.components.mvot.VisualVocab`
+Images are the frozen VQ-VAE's codes in the visual id range of :class:`~neat_lightning.codec.VisualVocab`
 (BOI = 260, EOI = 261, code c = 262 + c). Every row holds whole images only: as many steps as fit in
 ``block_size + 1`` ids (at most ``max_steps_per_row``), the rest padded with PAD.
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from neat_lightning.components.mvot import VisualVocab
-from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, encode
+from neat_lightning.codec import VisualVocab
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, encode
 from neat_lightning.data.grids import FAMILIES, Family, _seed, generate_episode, render
 from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
 

@@ -12,7 +12,7 @@ Generators are plain Python (no Lightning); :class:`QADataModule` wraps them.
   hash of the question.
 
 Batches are dicts ``{"question": (B, Lq) int64, "answer": (B, La + 2) int64}``: question bytes PAD-padded, answers as
-``BOS + bytes + EOS`` PAD-padded (ids from :mod:`neat_lightning.data.codec`). Training batch ``k`` depends only on
+``BOS + bytes + EOS`` PAD-padded (ids from :mod:`neat_lightning.codec`). Training batch ``k`` depends only on
 ``(seed, k, rank)`` and each epoch's iterator starts at the trainer's global step (as in
 :mod:`neat_lightning.data.bytes`), so a run resumed mid-epoch sees exactly the batches of the uninterrupted run.
 """
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from neat_lightning.data.bytes import resolve_paths
 from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, batch_generator
-from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, encode
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, encode
 
 log = logging.getLogger(__name__)
 

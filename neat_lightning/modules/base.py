@@ -78,7 +78,7 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module_name), fn_name)
 
 
-class NeatModule(L.LightningModule):
+class ResumableModule(L.LightningModule):
     """LightningModule whose structural changes are saved with and replayed from checkpoints.
 
     Subclasses that override ``on_save_checkpoint`` / ``on_load_checkpoint`` call ``super()``. Their own

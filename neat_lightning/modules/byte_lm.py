@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE
-from neat_lightning.modules.base import NeatModule
-from neat_lightning.modules.generation import TextGenerationMixin, sample_next  # noqa: F401 (re-export)
+from neat_lightning.components.sampling import eval_mode, sample
+from neat_lightning.codec import EOS_ID, PAD_ID, VOCAB_SIZE
+from neat_lightning.modules.base import ResumableModule
+from neat_lightning.modules.generation import TextGenerationMixin
 from neat_lightning.modules.optim import default_adamw
 
 
-class ByteLM(TextGenerationMixin, NeatModule):
+class ByteLM(TextGenerationMixin, ResumableModule):
     """Next-byte language model over BLT's 260-id byte vocabulary.
 
     Batches are ``(B, T + 1)`` int64 id windows (inputs ``[:, :-1]``, targets ``[:, 1:]``); PAD targets are ignored.
@@ -133,29 +134,27 @@ class ByteLM(TextGenerationMixin, NeatModule):
         Uses a KV cache of ``block_size`` positions; when it fills up, the cache is rebuilt from the last
         ``block_size // 2`` ids (RoPE is relative, so positions restart without harm). ``temperature=0`` is greedy.
         """
-        was_training = self.training
-        self.eval()
-        cfg, device = self.config, self.device
-        ids = ids.to(device).reshape(-1)
-        if len(ids) == 0:
-            ids = torch.tensor([EOS_ID], device=device)  # an empty prompt starts like a new document
-        context = ids[-cfg.block_size :]
-        out: list[torch.Tensor] = []
-        caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
-        logits = self.model(context[None], 0, caches)[0, -1]
-        pos = len(context)
-        for _ in range(max_new_bytes):
-            nxt = sample_next(logits, temperature, top_k, generator)
-            out.append(nxt)
-            if stop_at_eos and int(nxt) == EOS_ID:
-                break
-            if pos == cfg.block_size:  # cache full: rebuild from the recent half
-                context = torch.cat([ids, torch.stack(out)])[-(cfg.block_size // 2) :]
-                caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
-                logits = self.model(context[None], 0, caches)[0, -1]
-                pos = len(context)
-            else:
-                logits = self.model(nxt.view(1, 1), pos, caches)[0, -1]
-                pos += 1
-        self.train(was_training)
+        with eval_mode(self):
+            cfg, device = self.config, self.device
+            ids = ids.to(device).reshape(-1)
+            if len(ids) == 0:
+                ids = torch.tensor([EOS_ID], device=device)  # an empty prompt starts like a new document
+            context = ids[-cfg.block_size :]
+            out: list[torch.Tensor] = []
+            caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
+            logits = self.model(context[None], 0, caches)[0, -1]
+            pos = len(context)
+            for _ in range(max_new_bytes):
+                nxt = sample(logits, temperature, top_k, generator)
+                out.append(nxt)
+                if stop_at_eos and int(nxt) == EOS_ID:
+                    break
+                if pos == cfg.block_size:  # cache full: rebuild from the recent half
+                    context = torch.cat([ids, torch.stack(out)])[-(cfg.block_size // 2) :]
+                    caches = self.model.make_caches(1, cfg.block_size, device=device, dtype=self.model.embed.weight.dtype)
+                    logits = self.model(context[None], 0, caches)[0, -1]
+                    pos = len(context)
+                else:
+                    logits = self.model(nxt.view(1, 1), pos, caches)[0, -1]
+                    pos += 1
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)

@@ -1,24 +1,10 @@
-"""Text generation shared by the byte-level modules: next-id sampling and the ``TextGenerator`` protocol method."""
+"""``generate_text`` (the ``TextGenerator`` protocol) shared by the byte-level modules."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from neat_lightning.data.codec import decode, encode
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits: (V,) -> a sampled id, () int64. ``temperature <= 0`` picks the argmax."""
-    if temperature <= 0:
-        return logits.argmax()
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[0]
+from neat_lightning.codec import decode, encode
 
 
 class TextGenerationMixin:

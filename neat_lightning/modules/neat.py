@@ -34,8 +34,9 @@ from einops import rearrange
 from torch import nn
 
 from neat_lightning.components.mvot import NO_IMAGE, MVoTPath, advance, constrain_logits, image_counts
+from neat_lightning.components.sampling import eval_mode, sample
 from neat_lightning.components.blt import BLTConfig, BLTProcessor
-from neat_lightning.components.svf import SVFLinear, TaskDispatcher, inject_svf, svf_layers, svf_mixture
+from neat_lightning.components.svf import TaskDispatcher, inject_svf, svf_layers, svf_mixture
 from neat_lightning.components.titans import (
     MemoryBlock,
     MemoryState,
@@ -44,10 +45,10 @@ from neat_lightning.components.titans import (
     detach_state,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig, rope_angles
-from neat_lightning.data.codec import EOS_ID, PAD_ID, VOCAB_SIZE
+from neat_lightning.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.data.math import TASK_TYPES
-from neat_lightning.modules.base import NeatModule, check_checkpoint_file
-from neat_lightning.modules.generation import TextGenerationMixin, sample_next
+from neat_lightning.modules.base import ResumableModule, check_checkpoint_file
+from neat_lightning.modules.generation import TextGenerationMixin
 from neat_lightning.modules.optim import default_adamw
 
 COMPONENTS_KEY = "neat_components"
@@ -112,7 +113,7 @@ class NeatBackbone(ByteTransformer):
         return BackboneOutput(self.norm(x), new_states, stats)
 
 
-class NeatModel(TextGenerationMixin, NeatModule):
+class NeatModel(TextGenerationMixin, ResumableModule):
     """Byte transformer with switchable Titans memory and Transformer² SVF experts.
 
     Batches are the :class:`~neat_lightning.data.math.MathDataModule` dicts (``ids`` (B, T + 1), ``answer_ids``,
@@ -619,32 +620,30 @@ class NeatModel(TextGenerationMixin, NeatModule):
         (with Titans active; otherwise it is dropped), and the live tail is re-read at every step (no KV cache: the
         memory-as-context attention needs the readouts). SVF experts come from the dispatcher, or ``task``.
         """
-        was_training = self.training
-        self.eval()
-        device = self.device
-        seq = ids.to(device).reshape(-1)
-        if len(seq) == 0:
-            seq = torch.tensor([EOS_ID], device=device)
-        mix = None
-        if self.is_active("svf"):
-            head = seq[None, -self.config.block_size :]
-            mix = self.choose_mix(head, torch.tensor([task], device=device) if task is not None else None)[0]
-        states, start = None, 0
-        out: list[torch.Tensor] = []
-        fold = max(1, self.config.block_size // 2)
-        for _ in range(max_new_bytes):
-            while len(seq) - start > self.config.block_size:  # fold the oldest half-block into the memory
-                segment = seq[None, start : start + fold]
-                states = self.run(segment, states, mix=mix)[1].states
-                states = [detach_state(s) for s in states]
-                start += fold
-            logits = self.run(seq[None, start:], states, mix=mix)[0][0, -1, :VOCAB_SIZE]  # text only
-            nxt = sample_next(logits, temperature, top_k, generator)
-            out.append(nxt)
-            seq = torch.cat([seq, nxt.view(1)])
-            if stop_at_eos and int(nxt) == EOS_ID:
-                break
-        self.train(was_training)
+        with eval_mode(self):
+            device = self.device
+            seq = ids.to(device).reshape(-1)
+            if len(seq) == 0:
+                seq = torch.tensor([EOS_ID], device=device)
+            mix = None
+            if self.is_active("svf"):
+                head = seq[None, -self.config.block_size :]
+                mix = self.choose_mix(head, torch.tensor([task], device=device) if task is not None else None)[0]
+            states, start = None, 0
+            out: list[torch.Tensor] = []
+            fold = max(1, self.config.block_size // 2)
+            for _ in range(max_new_bytes):
+                while len(seq) - start > self.config.block_size:  # fold the oldest half-block into the memory
+                    segment = seq[None, start : start + fold]
+                    states = self.run(segment, states, mix=mix)[1].states
+                    states = [detach_state(s) for s in states]
+                    start += fold
+                logits = self.run(seq[None, start:], states, mix=mix)[0][0, -1, :VOCAB_SIZE]  # text only
+                nxt = sample(logits, temperature, top_k, generator)
+                out.append(nxt)
+                seq = torch.cat([seq, nxt.view(1)])
+                if stop_at_eos and int(nxt) == EOS_ID:
+                    break
         return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
     @torch.inference_mode()
@@ -667,51 +666,36 @@ class NeatModel(TextGenerationMixin, NeatModule):
         """
         if self.mvot is None:
             raise ValueError("generate_interleaved needs the MVoT path (mvot=True, vqvae_ckpt=...)")
-        was_training = self.training
-        self.eval()
-        vocab = self.mvot.vocab
-        seq = ids.to(self.device).long()
-        seq = seq[None] if seq.ndim == 1 else seq
-        if seq.shape[1] == 0:
-            seq = torch.full((seq.shape[0], 1), EOS_ID, dtype=torch.long, device=self.device)
-        count = image_counts(seq, vocab)  # (B,) codes written in the open image, or NO_IMAGE
-        done = torch.zeros(seq.shape[0], dtype=torch.bool, device=self.device)
-        states, start, out = None, 0, []
-        fold = max(1, self.config.block_size // 2)
-        for _ in range(max_new_tokens):
-            while seq.shape[1] - start > self.config.block_size:  # fold the oldest half-block into the memory
-                states = [detach_state(s) for s in self.run(seq[:, start : start + fold], states)[1].states]
-                start += fold
-            logits, backbone = self.run(seq[:, start:], states)
-            if self.is_active("mvot"):
-                decide = self.mvot.decision(backbone.hidden[:, -1]).squeeze(-1) > 0  # (B,)
-            else:
-                decide = torch.zeros_like(done)
-            logits = constrain_logits(logits[:, -1].float(), count, decide, vocab)  # (B, V)
-            nxt = sample_rows(logits, temperature, top_k, generator)
-            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
-            out.append(nxt)
-            count = advance(count, nxt, vocab)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            if stop_at_eos:
-                done = done | ((nxt == EOS_ID) & (count == NO_IMAGE))
-                if bool(done.all()):
-                    break
-        self.train(was_training)
+        with eval_mode(self):
+            vocab = self.mvot.vocab
+            seq = ids.to(self.device).long()
+            seq = seq[None] if seq.ndim == 1 else seq
+            if seq.shape[1] == 0:
+                seq = torch.full((seq.shape[0], 1), EOS_ID, dtype=torch.long, device=self.device)
+            count = image_counts(seq, vocab)  # (B,) codes written in the open image, or NO_IMAGE
+            done = torch.zeros(seq.shape[0], dtype=torch.bool, device=self.device)
+            states, start, out = None, 0, []
+            fold = max(1, self.config.block_size // 2)
+            for _ in range(max_new_tokens):
+                while seq.shape[1] - start > self.config.block_size:  # fold the oldest half-block into the memory
+                    states = [detach_state(s) for s in self.run(seq[:, start : start + fold], states)[1].states]
+                    start += fold
+                logits, backbone = self.run(seq[:, start:], states)
+                if self.is_active("mvot"):
+                    decide = self.mvot.decision(backbone.hidden[:, -1]).squeeze(-1) > 0  # (B,)
+                else:
+                    decide = torch.zeros_like(done)
+                logits = constrain_logits(logits[:, -1].float(), count, decide, vocab)  # (B, V)
+                nxt = sample(logits, temperature, top_k, generator)
+                nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+                out.append(nxt)
+                count = advance(count, nxt, vocab)
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                if stop_at_eos:
+                    done = done | ((nxt == EOS_ID) & (count == NO_IMAGE))
+                    if bool(done.all()):
+                        break
         return torch.stack(out, dim=1) if out else seq.new_empty(seq.shape[0], 0)
-
-
-def sample_rows(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits (B, V) -> one sampled id per row (B,); ``temperature <= 0`` picks the argmax."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 def load_entropy_model(path: str | None) -> nn.Module:

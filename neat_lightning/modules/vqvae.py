@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric, Metric
 
 from neat_lightning.components.quantizer import VectorQuantizer, perplexity_from_counts, squared_distances
 from neat_lightning.components.vqvae import ConvVAEConfig, Decoder, Encoder
-from neat_lightning.modules.base import NeatModule
+from neat_lightning.modules.base import ResumableModule
 from neat_lightning.modules.optim import default_adamw
 
 
@@ -92,7 +92,7 @@ def write_png(path: str | os.PathLike, image: torch.Tensor) -> None:
     os.replace(tmp, path)
 
 
-class VQVAE(NeatModule):
+class VQVAE(ResumableModule):
     """VQ-VAE with an EMA codebook for RGB grid-world images.
 
     Args:

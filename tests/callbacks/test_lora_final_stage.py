@@ -154,7 +154,7 @@ def test_epoch_start_and_default_budget_rank(tmp_path: Path):
 
 
 class PlainLM(L.LightningModule):
-    """Not a NeatModule: restores adapters itself with one line in on_load_checkpoint."""
+    """Not a ResumableModule: restores adapters itself with one line in on_load_checkpoint."""
 
     def __init__(self) -> None:
         super().__init__()

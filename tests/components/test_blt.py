@@ -17,7 +17,7 @@ from neat_lightning.components.blt import (
 )
 from neat_lightning.components.patching import calibrate_threshold, next_byte_entropies, patch_ids_from_lengths
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.codec import encode
+from neat_lightning.codec import encode
 
 TEXT = "the cat sat on the mat; the dog ate 42 bones!! then it slept."
 LOCAL = dict(dim_local=16, heads_local=2, cross_heads=2, hash_vocab=61, window_local=8)

@@ -14,7 +14,7 @@ from neat_lightning.components.mvot import (
     image_counts,
     token_discrepancy_loss,
 )
-from neat_lightning.data.codec import PAD_ID, VOCAB_SIZE, encode
+from neat_lightning.codec import PAD_ID, VOCAB_SIZE, encode
 
 VOCAB = VisualVocab(codebook_size=6, grid=(2, 2))
 

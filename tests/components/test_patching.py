@@ -31,7 +31,7 @@ from neat_lightning.components.patching import (
     static_start_mask,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.data.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
+from neat_lightning.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:

@@ -3,9 +3,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from neat_lightning.codec import EOS_ID, PAD_ID
 from neat_lightning.data.bytes import (
-    EOS_ID,
-    PAD_ID,
     ByteTextDataModule,
     Document,
     RandomWindowBatches,

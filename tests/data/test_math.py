@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, decode
 from neat_lightning.data.math import (
     KEYS,
     MATH_TASKS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, decode
 from neat_lightning.data.grids import generate_episode, render
 from neat_lightning.data.multimodal import (
     MultimodalDataModule,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neat_lightning.data.codec import BOS_ID, EOS_ID, PAD_ID, decode
+from neat_lightning.codec import BOS_ID, EOS_ID, decode
 from neat_lightning.data.qa import QADataModule, arithmetic_pairs, encode_pairs, fact_pairs, split_pairs, tsv_pairs
 
 

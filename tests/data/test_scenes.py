@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from neat_lightning.data.bytes import ByteTextDataModule, RandomWindowBatches
-from neat_lightning.data.codec import EOS_ID, decode, encode
+from neat_lightning.codec import EOS_ID, decode, encode
 from neat_lightning.data.scenes import (
     BUILTIN_SCENE_DIR,
     SceneDataModule,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neat_lightning.commands.eval_sleep import main
-from neat_lightning.data.codec import decode
+from neat_lightning.codec import decode
 from neat_lightning.eval.sleep_wake import (
     RetentionConfig,
     config_with,

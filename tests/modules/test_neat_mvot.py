@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neat_lightning.components.mvot import token_discrepancy_loss
-from neat_lightning.data.codec import VOCAB_SIZE
+from neat_lightning.codec import VOCAB_SIZE
 from neat_lightning.data.multimodal import MultimodalDataModule, next_state_examples, save_vqvae_checkpoint
 from neat_lightning.modules.neat import NeatModel
 from neat_lightning.modules.vqvae import VQVAE

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neat_lightning.data import bytes as codec
+from neat_lightning import codec
 
 
 @settings(max_examples=300, deadline=None)
