@@ -71,14 +71,13 @@ def load_entropy_model(path: Path | None):
         raise CommandError(f"checkpoint not found: {str(path)!r}")
     if path.is_dir():
         raise CommandError(f"checkpoint {str(path)!r} is a directory; give the .ckpt file")
+    from neat_lightning.modules.base import load_frozen
     from neat_lightning.modules.byte_lm import ByteLM
 
     try:
-        model = ByteLM.load_from_checkpoint(path, map_location="cpu")
-    except Exception as exc:  # corrupt file, not a ByteLM checkpoint, pickling errors, ...
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise CommandError(f"could not load a ByteLM from checkpoint {str(path)!r}: {type(exc).__name__}: {first_line}")
-    return model.eval()
+        return load_frozen(ByteLM, path, "--ckpt")
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
+        raise CommandError(f"could not load a ByteLM from checkpoint {str(path)!r}: {err}") from None
 
 
 def read_input(path: Path, max_bytes: int | None) -> bytes:

@@ -71,12 +71,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
 
+    from neat_lightning.modules.base import load_frozen
     from neat_lightning.modules.byte_lm import ByteLM
 
-    if not args.ckpt.is_file():
-        print(f"neat report: --ckpt: no such file: {str(args.ckpt)!r}", file=sys.stderr)
+    try:
+        model = load_frozen(ByteLM, args.ckpt, "--ckpt")
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
+        print(f"neat report: {err}", file=sys.stderr)
         return 2
-    model = ByteLM.load_from_checkpoint(args.ckpt, map_location="cpu")
     overrides = {"val_files": args.val_files} if args.val_files else {}
     dm = load_datamodule(args.config, overrides)
     dm.setup("validate")

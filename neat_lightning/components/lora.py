@@ -347,7 +347,7 @@ def lora_state(module: nn.Module, frozen: bool) -> dict[str, Any]:
 def restore_lora(module: nn.Module, state: dict[str, Any]) -> None:
     """Re-inject the adapters described by ``state`` (from :func:`lora_state`) before a state dict is loaded.
 
-    Registered in ``neat_lightning.modules.base.RESTORERS`` under ``"lora"``: ``Module.load_from_checkpoint(path)``
+    Called by ``ResumableModule.restore_structure`` for the entry ``"lora"``: ``Module.load_from_checkpoint(path)``
     and ``--ckpt_path`` resume call it from ``on_load_checkpoint``. Adapters are left uninitialised (the state dict
     fills them; no random numbers are drawn). Layers already adapted with the same rank are kept.
 

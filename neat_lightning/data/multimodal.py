@@ -166,12 +166,10 @@ def save_vqvae_checkpoint(vqvae: L.LightningModule, path: str | Path) -> Path:
 
 
 def load_vqvae(path: str, field: str = "tokenizer_ckpt") -> nn.Module:
-    from neat_lightning.modules.base import check_checkpoint_file
+    from neat_lightning.modules.base import load_frozen
     from neat_lightning.modules.vqvae import VQVAE
 
-    check_checkpoint_file(path, what=f"{field}={path!r}")
-    with torch.random.fork_rng(devices=[]):  # building the VQ-VAE must not shift the global random stream
-        return VQVAE.load_from_checkpoint(path, map_location="cpu").eval().requires_grad_(False)
+    return load_frozen(VQVAE, path, f"{field}={path!r}")
 
 
 class MultimodalDataModule(L.LightningDataModule):

@@ -3,35 +3,36 @@
 Some changes happen to a module *during* training — LoRA adapters injected by a callback, a lattice grown to a new
 size, components switched on. A checkpoint must rebuild them with ``Module.load_from_checkpoint(path)`` alone, so
 each change is recorded in ``module.structure`` (plain, picklable values), written to the checkpoint under
-``"neat_structure"`` and replayed by a named restorer before the weights are loaded (Lightning calls
+``"neat_structure"`` and replayed by :meth:`ResumableModule.restore_structure` before the weights are loaded (Lightning calls
 ``on_load_checkpoint`` before ``load_state_dict``, both in ``load_from_checkpoint`` and on ``--ckpt_path`` resume).
 """
 
 from __future__ import annotations
 
-import importlib
+import io
+import logging
 import math
 import random
 import zipfile
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from neat_lightning.components.lora import restore_lora
+
+log = logging.getLogger(__name__)
+
 STRUCTURE_KEY = "neat_structure"
 RNG_KEY = "neat_rng_states"
+FORMAT_KEY = "neat_format"
+# Checkpoint format. 1: flat NeatModel svf_*/mvot_* arguments, flat LatticeNetwork arguments, BLTConfig with copied
+# patcher fields. 2: typed config groups (SVFConfig, MVoTConfig, LatticeNetwork's groups, BLTConfig.patcher).
+FORMAT = 2
 
-# entry name -> "module:function" called as fn(module, state) before the state dict is loaded
-RESTORERS = MappingProxyType(
-    {
-        "lora": "neat_lightning.components.lora:restore_lora",
-        "lattice": "neat_lightning.modules.lattice:restore_lattice",
-    }
-)
-
+T = TypeVar("T", bound="ResumableModule")
 
 def rng_states() -> dict[str, Any]:
     """The process's random states (torch CPU/CUDA, Python): what dropout and sampling consume."""
@@ -73,17 +74,62 @@ def mismatched_hparams(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     ]
 
 
-def _resolve(path: str):
-    module_name, fn_name = path.split(":")
-    return getattr(importlib.import_module(module_name), fn_name)
+def upgrade_checkpoint(checkpoint: dict[str, Any], cls: type[ResumableModule], source: str = "checkpoint") -> list[str]:
+    """Bring ``checkpoint`` (a loaded dict) to :data:`FORMAT` in place with ``cls.upgrade_format``.
+
+    Returns one line per change made (empty when it already was current). A checkpoint written by a newer version
+    is refused, naming ``source`` and both format numbers.
+    """
+    found = int(checkpoint.get(FORMAT_KEY, 1))
+    if found > FORMAT:
+        raise ValueError(
+            f"{source}: checkpoint format {found} was written by a newer neat_lightning; this version reads formats "
+            f"up to {FORMAT}. Upgrade neat_lightning to load it."
+        )
+    changes = cls.upgrade_format(checkpoint, found) if found < FORMAT else []
+    checkpoint[FORMAT_KEY] = FORMAT
+    return changes
+
+
+def load_frozen(cls: type[T], path: Any, field: str, hint: str = "") -> T:
+    """A ``cls`` checkpoint at ``path`` in eval mode with no gradients, on the CPU: the one loader of every frozen
+    part (BLT's entropy model, MVoT's VQ-VAE, the command-line tools' models).
+
+    Args:
+        cls: the LightningModule class the checkpoint must hold.
+        path: the checkpoint file.
+        field: the config field or option that named ``path``; every error message starts with it.
+        hint: appended to every error (how to get a suitable checkpoint).
+
+    Raises:
+        ValueError / FileNotFoundError / IsADirectoryError: ``path`` is empty, missing, a folder, truncated, or holds
+        another module class or an incompatible configuration.
+    """
+    tail = f"; {hint}" if hint else ""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"{field}={path!r} must be the path of a {cls.__name__} checkpoint{tail}")
+    try:
+        check_checkpoint_file(path, field)
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
+        raise type(err)(f"{err}{tail}") from None
+    with torch.random.fork_rng(devices=[]):  # loading must not shift the random stream of the model being built
+        try:
+            module = cls.load_from_checkpoint(path, map_location="cpu")
+        except (TypeError, KeyError, RuntimeError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"{field}={str(path)!r} does not hold a loadable {cls.__name__} checkpoint "
+                f"({type(err).__name__}: {first}){tail}"
+            ) from err
+    return module.eval().requires_grad_(False)
 
 
 class ResumableModule(L.LightningModule):
     """LightningModule whose structural changes are saved with and replayed from checkpoints.
 
     Subclasses that override ``on_save_checkpoint`` / ``on_load_checkpoint`` call ``super()``. Their own
-    structural state (e.g. active components) can be an entry in ``self.structure`` with a restorer in
-    :data:`RESTORERS`, or simply live in ``hparams`` when it is known at construction.
+    structural state (e.g. a grown lattice) is an entry in ``self.structure`` that their ``restore_structure``
+    rebuilds, or simply lives in ``hparams`` when it is known at construction.
     """
 
     def __init__(self) -> None:
@@ -97,7 +143,25 @@ class ResumableModule(L.LightningModule):
         else:
             self.structure[name] = state
 
+    @classmethod
+    def upgrade_format(cls, checkpoint: dict[str, Any], found: int) -> list[str]:
+        """Rewrite a checkpoint of format ``found`` (< :data:`FORMAT`) in place: hyperparameter names and
+        state-dict keys. Returns what changed, one line each. Subclasses whose arguments changed extend this."""
+        return []
+
+    def restore_structure(self, name: str, state: Any) -> None:
+        """Rebuild the structural change ``name`` recorded with ``state`` before the weights load.
+
+        The base class rebuilds LoRA adapters (recorded by ``LoRAFinalStage`` under ``"lora"``) for every module.
+        A subclass that records its own changes overrides this, handles its names and passes the rest to ``super()``.
+        """
+        if name == "lora":
+            restore_lora(self, state)
+            return
+        raise ValueError(f"the checkpoint records structural change {name!r} that {type(self).__name__} cannot rebuild")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[FORMAT_KEY] = FORMAT
         if self.structure:
             checkpoint[STRUCTURE_KEY] = dict(self.structure)
         # Lightning does not checkpoint random states; without them a resumed run draws other dropout masks.
@@ -109,6 +173,19 @@ class ResumableModule(L.LightningModule):
         """Lightning's ``load_from_checkpoint`` with a clear error for a missing, truncated or corrupt file."""
         if isinstance(checkpoint_path, (str, Path)) and "://" not in str(checkpoint_path):
             check_checkpoint_file(checkpoint_path)
+            # mmap: reading the format number does not load the tensors
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+            changes = upgrade_checkpoint(checkpoint, cls, str(checkpoint_path))
+            if changes:
+                log.warning(
+                    "%s is an older checkpoint format, upgraded in memory (%s). Write the upgraded file once with "
+                    "`neat convert-ckpt %s OUT.ckpt --model %s`.",
+                    checkpoint_path, "; ".join(changes), checkpoint_path, cls.__name__,
+                )
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                buffer.seek(0)
+                checkpoint_path = buffer
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_before_backward(self, loss) -> None:
@@ -138,16 +215,12 @@ class ResumableModule(L.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint(checkpoint, type(self))  # a --ckpt_path resume of an older file: state-dict keys
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             set_rng_states(checkpoint[RNG_KEY])  # resuming a fit; plain load_from_checkpoint leaves RNGs alone
         for name, state in checkpoint.get(STRUCTURE_KEY, {}).items():
             if name in self.structure and self.structure[name] == state:
                 continue  # already in this shape (e.g. resuming in the same process)
-            if name not in RESTORERS:
-                raise ValueError(
-                    f"checkpoint records structural change {name!r} that this version cannot rebuild; "
-                    f"known: {sorted(RESTORERS)}"
-                )
-            _resolve(RESTORERS[name])(self, state)
+            self.restore_structure(name, state)
             self.record_structure(name, state)
         self._check_shapes(checkpoint)

@@ -8,7 +8,7 @@ decoder with answer-byte cross-entropy (+ an optional cluster coordination term)
 
 Structure that survives checkpoints: the lattice size and the current profile / clustering switch are recorded as
 the structural entry ``"lattice"`` (see :class:`~neat_lightning.modules.base.ResumableModule`) and replayed by
-:func:`restore_lattice` before the weights load — a lattice grown during training is rebuilt at its grown size;
+:meth:`LatticeNetwork.restore_structure` before the weights load — a lattice grown during training is rebuilt at its grown size;
 pruning masks, cluster ids, centroids, STDP traces and BCM thresholds are buffers in the state dict.
 
 Logged: ``train/loss``, ``val/loss``, ``val/exact_match``, ``lattice/activity`` (fraction of cells above the
@@ -324,6 +324,22 @@ class LatticeNetwork(ResumableModule):
         self._last_activity = self._last_cells = None
         return freed
 
+    def restore_structure(self, name: str, state: Any) -> None:
+        """Rebuild the ``"lattice"`` entry: resize to the recorded size (and lattice steps), set profile and
+        clustering; other names go to the base class."""
+        if name != "lattice":
+            return super().restore_structure(name, state)
+        size = tuple(int(s) for s in state["size"])
+        steps = int(state.get("steps", self.config.steps))
+        if size != self.config.size or steps != self.config.steps:
+            log.info("checkpoint lattice size %s differs from the configured %s; rebuilding", size, self.config.size)
+            self.resize_lattice(size, steps)
+        profile = state.get("profile")
+        if profile is not None:
+            self.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
+        self.clustering_enabled = bool(state.get("clustering", False))
+        self._record()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(STRUCTURE_KEY, {}).get(STRUCTURE_NAME, {}).get("fields", {})
         for field in MODE_FIELDS:
@@ -546,18 +562,3 @@ def resample_face(values: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[i
     x = rearrange(values, "(h w) e -> 1 e h w", h=old_hw[0], w=old_hw[1])
     out = F.interpolate(x, size=tuple(new_hw), mode="bilinear", align_corners=True)
     return rearrange(out, "1 e h w -> (h w) e").contiguous()
-
-
-def restore_lattice(module: LatticeNetwork, state: dict[str, Any]) -> None:
-    """Restorer of the ``"lattice"`` structural entry: resize to the recorded size (and lattice steps), set profile
-    and clustering."""
-    size = tuple(int(s) for s in state["size"])
-    steps = int(state.get("steps", module.config.steps))
-    if size != module.config.size or steps != module.config.steps:
-        log.info("checkpoint lattice size %s differs from the configured %s; rebuilding", size, module.config.size)
-        module.resize_lattice(size, steps)
-    profile = state.get("profile")
-    if profile is not None:
-        module.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
-    module.clustering_enabled = bool(state.get("clustering", False))
-    module._record()

@@ -47,7 +47,7 @@ from neat_lightning.components.titans import (
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig, rope_angles
 from neat_lightning.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.data.math import TASK_TYPES
-from neat_lightning.modules.base import ResumableModule, check_checkpoint_file
+from neat_lightning.modules.base import ResumableModule, load_frozen
 from neat_lightning.modules.generation import TextGenerationMixin
 from neat_lightning.modules.optim import default_adamw
 
@@ -706,24 +706,14 @@ def load_entropy_model(path: str | None) -> nn.Module:
             "configs/byte_lm_quickstart.yaml) first, or use blt_config.patching: static / space")
     if path is None:
         raise ValueError(f"frontend='blt' with entropy patching needs entropy_model_ckpt: a ByteLM checkpoint; {hint}")
-    try:
-        check_checkpoint_file(path, "entropy_model_ckpt")
-    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
-        raise type(err)(f"{err}; {hint}") from None
-    with torch.random.fork_rng(devices=[]):  # loading must not shift the random stream of the model being built
-        lm = ByteLM.load_from_checkpoint(path, map_location="cpu")
-    lm.eval().requires_grad_(False)
-    return lm.model
+    return load_frozen(ByteLM, path, "entropy_model_ckpt", hint).model
 
 
 def load_frozen_vqvae(path: str, visual_vocab_size: int) -> torch.nn.Module:
     """The VQ-VAE of ``vqvae_ckpt``, frozen, on CPU; its codebook must have ``visual_vocab_size`` codes."""
     from neat_lightning.modules.vqvae import VQVAE
 
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"vqvae_ckpt={path!r} must be the path of a VQVAE checkpoint")
-    check_checkpoint_file(path, what=f"vqvae_ckpt={path!r}")
-    vqvae = VQVAE.load_from_checkpoint(path, map_location="cpu")
+    vqvae = load_frozen(VQVAE, path, f"vqvae_ckpt={path!r}")
     codebook = tuple(vqvae.codebook.shape)
     if codebook[0] != visual_vocab_size:
         raise ValueError(
@@ -731,7 +721,7 @@ def load_frozen_vqvae(path: str, visual_vocab_size: int) -> torch.nn.Module:
             f"NeatModel is configured for visual_vocab_size={visual_vocab_size}, i.e. a codebook of shape "
             f"({visual_vocab_size}, {codebook[1]}); set visual_vocab_size={codebook[0]} or use another VQVAE"
         )
-    return vqvae.eval().requires_grad_(False)
+    return vqvae
 
 
 def exact_match_counts(
