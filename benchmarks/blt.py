@@ -25,12 +25,13 @@ import math
 import platform
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neat_lightning.components.blt import BLTConfig
+from neat_lightning.components.blt import BLTConfig, default_patcher
 from neat_lightning.components.patching import patch_statistics
 from neat_lightning.data.bytes import ByteTextDataModule
 from neat_lightning.modules.neat import NeatModel
@@ -44,10 +45,11 @@ def build(kind: str, args) -> NeatModel:
                   learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1)
     if kind == "plain":
         return NeatModel(dim=args.plain_dim, n_layers=args.plain_layers, heads=args.plain_dim // 32, **common)
+    patcher = replace(default_patcher(), mode=args.patching, threshold=args.initial_threshold,
+                      patch_size=args.static_patch_size)
     blt = BLTConfig(dim_local=args.local_dim, heads_local=args.local_dim // 32, cross_heads=args.local_dim // 32,
                     encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers, window_local=None,
-                    hash_vocab=args.hash_vocab, patching=args.patching, target_boundary_ratio=args.boundary_ratio,
-                    threshold=args.initial_threshold, patch_size=args.static_patch_size)
+                    hash_vocab=args.hash_vocab, patcher=patcher, target_boundary_ratio=args.boundary_ratio)
     return NeatModel(dim=args.latent_dim, n_layers=args.latent_layers, heads=args.latent_dim // 32, frontend="blt",
                      blt_config=blt, entropy_model_ckpt=str(args.entropy_ckpt), **common)
 
@@ -55,7 +57,7 @@ def build(kind: str, args) -> NeatModel:
 def train_step(model: NeatModel, opt, sched, batch: torch.Tensor) -> dict:
     terms = model.loss_terms(batch)
     opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    terms.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     sched.step()
@@ -70,7 +72,7 @@ def flops_per_step(kind: str, args, batches: list[torch.Tensor]) -> float:
     for batch in batches:
         with FlopCounterMode(display=False) as counter:
             terms = model.loss_terms(batch)
-            terms["loss"].backward()
+            terms.loss.backward()
         opt.zero_grad(set_to_none=True)
         total += counter.get_total_flops()
     return total / len(batches)
@@ -83,10 +85,10 @@ def evaluate(model: NeatModel, val_batches: list[torch.Tensor]) -> dict:
     lengths = []
     for batch in val_batches:
         terms = model.loss_terms(batch)
-        nats += float((terms["nats"] * terms["valid"]).sum())
-        count += float(terms["valid"].sum())
-        if "patch_lengths" in terms:
-            lengths.append(terms["patch_lengths"].reshape(-1))
+        nats += float((terms.nats * terms.valid).sum())
+        count += float(terms.valid.sum())
+        if terms.patch_lengths is not None:
+            lengths.append(terms.patch_lengths.reshape(-1))
     model.train()
     out = {"val_bpb": nats / count / math.log(2), "val_bytes": int(count)}
     if lengths:
@@ -113,9 +115,9 @@ def run(kind: str, steps: int, args, dm: ByteTextDataModule, val_batches: list[t
             it = iter(train)
             batch = next(it)
         terms = train_step(model, opt, sched, batch)
-        losses.append(terms["loss"].item())
-        if "patch_lengths" in terms:
-            lengths = terms["patch_lengths"]
+        losses.append(terms.loss.item())
+        if terms.patch_lengths is not None:
+            lengths = terms.patch_lengths
             sizes.append(float(lengths.sum() / (lengths > 0).sum()))
         if step % 100 == 0 or step == steps - 1:
             msg = f"{kind} step {step}/{steps} loss {losses[-1]:.3f} {time.perf_counter() - start:.0f}s"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from neat_lightning.components.energy_flow import EnergyFlow, EnergyFlowConfig, respawn, spawn_carriers
+from neat_lightning.components.lattice import LatticeConfig
 
 RESULTS = Path(__file__).parent / "results" / "energy_flow.json"
 
@@ -32,15 +33,15 @@ def finite(cells, carriers) -> bool:
                 and torch.isfinite(carriers.position).all() and torch.isfinite(carriers.energy).all())
 
 
-def bench_steps(cfg: EnergyFlowConfig, steps: int, check_every: int = 100) -> dict:
+def bench_steps(cfg: EnergyFlowConfig, lattice: LatticeConfig, steps: int, check_every: int = 100) -> dict:
     torch.manual_seed(0)
-    flow = EnergyFlow(cfg)
+    flow = EnergyFlow(cfg, lattice)
     torch.nn.init.normal_(flow.move.weight, std=0.5)  # non-trivial learned moves
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     carriers = spawn_carriers(cfg, 1, generator=g)
     create_s = time.perf_counter() - t0
-    cells = torch.randn(1, cfg.depth * cfg.height * cfg.width, cfg.channels) * 0.1
+    cells = torch.randn(1, lattice.depth * lattice.height * lattice.width, lattice.channels) * 0.1
     ok, max_abs = True, 0.0
     with torch.no_grad():
         for _ in range(5):  # warm-up
@@ -54,7 +55,7 @@ def bench_steps(cfg: EnergyFlowConfig, steps: int, check_every: int = 100) -> di
                 max_abs = max(max_abs, float(cells.abs().max()))
         dt = time.perf_counter() - t0
     ok &= finite(cells, carriers)
-    return {"carriers": cfg.carriers, "size": list(cfg.size), "channels": cfg.channels, "steps": steps,
+    return {"carriers": cfg.carriers, "size": list(lattice.size), "channels": lattice.channels, "steps": steps,
             "create_s": create_s, "steps_per_s": steps / dt, "finite": ok, "max_abs_cell": max_abs,
             "loadavg": os.getloadavg()[0]}
 
@@ -66,9 +67,12 @@ def bench_train(steps: int) -> dict:
     from neat_lightning.modules.lattice import LatticeNetwork
 
     L.seed_everything(0)
-    model = LatticeNetwork(depth=16, height=16, width=16, channels=8, hidden=16, steps=18, mode="energy_flow",
-                           carriers=2048, encoder_dim=64, decoder_dim=96, decoder_layers=2, max_question_bytes=40,
-                           max_answer_bytes=40, warmup_steps=20)
+    model = LatticeNetwork(
+        mode="energy_flow", lattice=dict(depth=16, height=16, width=16, channels=8, hidden=16, steps=18),
+        energy_flow=dict(carriers=2048),
+        text=dict(encoder_dim=64, decoder_dim=96, decoder_layers=2, max_question_bytes=40, max_answer_bytes=40),
+        optim=dict(warmup_steps=20),
+    )
     data = QADataModule(kinds=["arithmetic", "facts"], max_operand=20, max_factor=10, max_question_bytes=40,
                         max_answer_bytes=40, batch_size=8, batches_per_epoch=steps + 10, val_batch_size=64,
                         max_val_pairs=64)
@@ -98,18 +102,19 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="keep the stored speed result")
     parser.add_argument("--train", type=int, default=0, help="QA training steps of the energy-flow LatticeNetwork")
     args = parser.parse_args()
-    cfg = EnergyFlowConfig(depth=25, height=50, width=50, channels=16, carriers=args.carriers)
+    cfg = EnergyFlowConfig(carriers=args.carriers)
+    lattice = LatticeConfig(depth=25, height=50, width=50, channels=16)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.update({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpus": os.cpu_count(),
                  "omp_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()})
     print(f"{'case':>10} {'carriers':>9} {'lattice':>10} {'steps':>6} {'create s':>9} {'steps/s':>8} {'finite':>6}")
     if not args.skip_speed:
-        speed = bench_steps(cfg, args.steps)
+        speed = bench_steps(cfg, lattice, args.steps)
         data["speed"] = speed
         print(f"{'speed':>10} {speed['carriers']:>9} {'50×50×25':>10} {speed['steps']:>6} {speed['create_s']:>9.3f} "
               f"{speed['steps_per_s']:>8.1f} {speed['finite']!s:>6}")
     if args.long:
-        long = bench_steps(dataclasses.replace(cfg, carriers=args.long_carriers or cfg.carriers), args.long)
+        long = bench_steps(dataclasses.replace(cfg, carriers=args.long_carriers or cfg.carriers), lattice, args.long)
         data["long"] = long
         print(f"{'long':>10} {long['carriers']:>9} {'50×50×25':>10} {long['steps']:>6} {long['create_s']:>9.3f} "
               f"{long['steps_per_s']:>8.1f} {long['finite']!s:>6}   max |cell| {long['max_abs_cell']:.3g}")

@@ -55,7 +55,7 @@ def face_transfer(model, questions) -> dict:
 
     model.eval()
     face = rearrange(model.encoder(questions, PAD_ID), "b n c -> n b c").detach().requires_grad_(True)
-    state, _ = run_lattice(model.rule, face, model.effective_connections(), model.config.steps, stochastic=False)
+    state, _ = run_lattice(model.rule, face, model.cells.effective_connections(), model.config.steps, stochastic=False)
     out = state[-face.shape[0]:]
     (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), face)
     spread_in, spread_out = float(face.std(1).mean()), float(out.std(1).mean())

@@ -41,12 +41,15 @@ def current_rss_bytes() -> int:
 
 
 def model_kwargs(case: dict) -> dict:
+    """LatticeNetwork arguments of a case (groups as dicts of their fields)."""
     D, H, W = case["size"]
     return dict(
-        depth=D, height=H, width=W, channels=case.get("channels", 16), hidden=case.get("hidden", 64),
-        steps=case.get("steps") or D - 1, fire_rate=0.5, stencil=case.get("stencil", "sparse"),
-        checkpoint_every=case.get("checkpoint_every", 0), encoder_dim=64, decoder_dim=128, heads=4,
-        decoder_layers=2, max_question_bytes=40, max_answer_bytes=40, metrics_every=1,
+        lattice=dict(depth=D, height=H, width=W, channels=case.get("channels", 16), hidden=case.get("hidden", 64),
+                     steps=case.get("steps") or D - 1, fire_rate=0.5, stencil=case.get("stencil", "sparse"),
+                     checkpoint_every=case.get("checkpoint_every", 0)),
+        text=dict(encoder_dim=64, decoder_dim=128, heads=4, decoder_layers=2, max_question_bytes=40,
+                  max_answer_bytes=40),
+        metrics_every=1,
     )
 
 
@@ -61,14 +64,15 @@ def case_step(case: dict) -> dict:
     torch.manual_seed(0)
     rss0 = current_rss_bytes()
     kw = model_kwargs(case)
+    lat = kw["lattice"]
     model = LatticeNetwork(**kw)
     if case.get("steps_override"):
         # fewer lattice steps than depth - 1 (which the module refuses, since the input cannot reach the output
         # face): only to measure the per-step cost of a lattice too slow to run T = D - 1 steps on this CPU
         import dataclasses
 
-        kw["steps"] = case["steps_override"]
-        model.config = dataclasses.replace(model.config, steps=kw["steps"])
+        lat["steps"] = case["steps_override"]
+        model.config = dataclasses.replace(model.config, steps=lat["steps"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     B = case.get("batch", 1)
     question = torch.randint(4, 200, (B, 40))
@@ -91,12 +95,12 @@ def case_step(case: dict) -> dict:
         losses.append(step())
         times.append(time.perf_counter() - t0)
     est = estimate_memory(MemoryConfig(
-        size=tuple(case["size"]), channels=kw["channels"], hidden=kw["hidden"], steps=kw["steps"], batch=B,
-        precision="bf16-mixed" if bf16 else "32-true", checkpoint_every=kw["checkpoint_every"],
-        stencil=kw["stencil"], runtime_bytes=rss0,
+        size=tuple(case["size"]), channels=lat["channels"], hidden=lat["hidden"], steps=lat["steps"], batch=B,
+        precision="bf16-mixed" if bf16 else "32-true", checkpoint_every=lat["checkpoint_every"],
+        stencil=lat["stencil"], runtime_bytes=rss0,
     ))
     timed = times[1:] or times
-    return {**case, "steps": kw["steps"], "cells": kw["depth"] * kw["height"] * kw["width"],
+    return {**case, "steps": lat["steps"], "cells": lat["depth"] * lat["height"] * lat["width"],
             "s_per_step": sum(timed) / len(timed), "first_step_s": times[0], "loss": losses[-1],
             "peak_rss_gib": peak_rss_bytes() / GIB, "runtime_rss_gib": rss0 / GIB, "estimate_gib": est / GIB,
             "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses))}
@@ -112,9 +116,12 @@ def case_soak(case: dict) -> dict:
     from neat_lightning.modules.lattice import LatticeNetwork
 
     L.seed_everything(0)
-    model = LatticeNetwork(depth=6, height=8, width=8, channels=8, hidden=16, steps=6, encoder_dim=32, decoder_dim=32,
-                           heads=2, decoder_layers=1, max_question_bytes=24, max_answer_bytes=20, metrics_every=10,
-                           warmup_steps=10)
+    model = LatticeNetwork(
+        lattice=dict(depth=6, height=8, width=8, channels=8, hidden=16, steps=6),
+        text=dict(encoder_dim=32, decoder_dim=32, heads=2, decoder_layers=1, max_question_bytes=24,
+                  max_answer_bytes=20),
+        optim=dict(warmup_steps=10), metrics_every=10,
+    )
     data = QADataModule(max_operand=9, max_factor=5, max_question_bytes=24, max_answer_bytes=20, batch_size=4,
                         batches_per_epoch=case["steps"] + 10, val_batch_size=8, max_val_pairs=8)
     cleanup = MemoryCleanup(every_n_steps=case.get("every", 10), log_memory=False)

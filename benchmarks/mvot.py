@@ -48,15 +48,18 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 
 def model_args(args, lam: float) -> dict:
+    from neat_lightning.modules.neat_config import MVoTConfig
+
+    mvot = MVoTConfig(vqvae_ckpt=str(args.vqvae_ckpt), visual_vocab_size=128, image_size=32, discrepancy_weight=lam)
     return dict(dim=args.dim, n_layers=args.layers, heads=args.heads, block_size=args.block_size, window=None,
-                titans=False, svf=False, active_components=["mvot"], mvot=True, vqvae_ckpt=str(args.vqvae_ckpt),
-                visual_vocab_size=128, image_size=32, mvot_lambda=lam, learning_rate=args.lr, warmup_steps=50)
+                titans=False, svf=False, active_components=["mvot"], mvot=True, mvot_config=mvot,
+                learning_rate=args.lr, warmup_steps=50)
 
 
 @torch.no_grad()
 def evaluate(model, examples) -> dict:
     """Teacher-forced and generated next-state metrics over the examples (prompts grouped by length)."""
-    from neat_lightning.data.grids import cells_from_images
+    from neat_lightning.data.generators.grids import cells_from_images
 
     vocab = model.mvot.vocab
     n = len(examples.prompts)
@@ -105,11 +108,13 @@ def run_variant(args, lam: float) -> dict:
 
     from neat_lightning.data.multimodal import MultimodalDataModule, next_state_examples
     from neat_lightning.modules.neat import NeatModel
+    from neat_lightning.modules.vqvae import VQVAETokenizer
 
     L.seed_everything(args.seed)
     model = NeatModel(**model_args(args, lam))
     data = MultimodalDataModule(families=["maze"], block_size=args.block_size, batch_size=args.batch_size,
-                                batches_per_epoch=10_000, val_rows=64, seed=args.seed)
+                                batches_per_epoch=10_000, val_rows=64, seed=args.seed,
+                                tokenizer=VQVAETokenizer(str(args.vqvae_ckpt)))
     trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, max_time={"minutes": args.max_minutes},
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -119,7 +124,7 @@ def run_variant(args, lam: float) -> dict:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     val = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = {k: float(v) for k, v in val.validate(model, data, verbose=False)[0].items()}
-    examples = next_state_examples(data.tokenizer, args.eval, data.val_seed, ["maze"])
+    examples = next_state_examples(data.episode_tokenizer, args.eval, data.val_seed, ["maze"])
     result = evaluate(model, examples)
     return {
         "mvot_lambda": lam, "steps": int(trainer.global_step), "train_wall_s": round(wall, 1),

@@ -102,7 +102,7 @@ def recall_rows(args: argparse.Namespace, gap: int):
     """Held-out temporal-gap tasks at exactly ``gap``: ids (N, T + 1), answer ids (N, T + 1)."""
     import torch
 
-    from neat_lightning.data.math import generate_problem, pack_problems, rng_for
+    from neat_lightning.data.generators.math import generate_problem, pack_problems, rng_for
 
     ids, ans = [], []
     for i in range(args.eval_samples):
@@ -119,7 +119,8 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
     import torch
 
     from neat_lightning.data.math import TASK_TYPES, MathDataModule
-    from neat_lightning.modules.neat import NeatModel, exact_match_counts
+    from neat_lightning.modules.neat import NeatModel
+    from neat_lightning.modules.neat_output import exact_match_counts
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -205,13 +206,15 @@ def run_svf(args: argparse.Namespace) -> dict:
 
     from neat_lightning.data.math import MATH_TASKS, MathDataModule
     from neat_lightning.modules.neat import NeatModel
+    from neat_lightning.modules.neat_config import SVFConfig
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     L.seed_everything(args.seed, verbose=False)
     model = NeatModel(
         dim=args.dim, n_layers=args.layers, heads=4, block_size=128, window=64, titans=False, svf=True,
-        svf_dispatch="classify", svf_train_experts=[args.svf_task], active_components=[], answer_weight=4.0,
+        svf_config=SVFConfig(dispatch="classify", train_experts=(args.svf_task,)), active_components=[],
+        answer_weight=4.0,
         learning_rate=args.lr, warmup_steps=50,
     )
     data = MathDataModule(tasks=list(MATH_TASKS), difficulties=[1], block_size=128, batch_size=16,

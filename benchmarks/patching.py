@@ -30,18 +30,17 @@ from pathlib import Path
 
 import torch
 
+from neat_lightning.codec import ids_from_bytes
+from neat_lightning.components.entropy import next_byte_entropies
+from neat_lightning.components.patch_threshold import AdaptiveEntropyThreshold, calibrate_threshold
 from neat_lightning.components.patching import (
-    AdaptiveEntropyThreshold,
     Patcher,
     PatcherConfig,
-    calibrate_threshold,
     global_start_mask,
-    next_byte_entropies,
     patch_lengths_from_start_mask,
     patch_statistics,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.codec import ids_from_bytes
 from neat_lightning.data.bytes import builtin_documents, split_documents, stream_from_documents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +278,7 @@ def bench_adaptive(model: torch.nn.Module, stream_bytes: int, batch: int, block:
     seconds = time.perf_counter() - t0
     batches = h.reshape(n_batches, batch, block)
     target = 0.1
-    ctrl = AdaptiveEntropyThreshold(target_boundary_ratio=target)
+    ctrl = AdaptiveEntropyThreshold(target_boundary_ratio=target, initial_threshold=2.0)  # θ₀ of the results
     ratios, thresholds = [], []
     for hb in batches:  # a loop over batches, as in training
         thresholds.append(ctrl.threshold)

@@ -47,7 +47,7 @@ def peak_rss_mib() -> float:
 
 
 def bench_one(name: str, steps: int, warmup: int) -> dict:
-    from neat_lightning.data.grids import sample_images
+    from neat_lightning.data.generators.grids import sample_images
     from neat_lightning.modules.vqvae import VQVAE
 
     cfg = yaml.safe_load(CONFIGS[name].read_text())
@@ -123,9 +123,9 @@ def usage_bound(codebook_size: int, radii: list[int], held_out: list[int], train
       and count how many of those windows occur in the held-out images (a codebook that needs no nearest-neighbour
       luck; what a well-spread codebook should at least reach).
     """
-    from neat_lightning.data.grids import _seed, sample_states
+    from neat_lightning.data.generators.grids import sample_states, seed_from
 
-    train, _ = sample_states(train_images, _seed("usage-bound", seed), grid_size=8)
+    train, _ = sample_states(train_images, seed_from("usage-bound", seed), grid_size=8)
     held = {n: sample_states(n, seed, grid_size=8)[0] for n in held_out}
     rows = []
     for r in radii:
@@ -143,7 +143,7 @@ def usage_bound(codebook_size: int, radii: list[int], held_out: list[int], train
 @torch.no_grad()
 def evaluate(ckpt: str, n_images: int, seed: int) -> dict:
     """Held-out quality of a checkpoint on generated images (the same families and sizes it was trained on)."""
-    from neat_lightning.data.grids import cells_from_images, sample_images
+    from neat_lightning.data.generators.grids import cells_from_images, sample_images
     from neat_lightning.modules.vqvae import VQVAE, psnr_per_image
 
     model = VQVAE.load_from_checkpoint(ckpt, map_location="cpu").eval()

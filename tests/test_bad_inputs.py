@@ -1,8 +1,9 @@
 """The error catalogue: every user-facing bad input gives a clear message naming the file, field or value.
 
-Each entry is one bad input and the message it must produce (pinned with a regex). Module-specific entries (VQVAE
-shapes, scene files, lattice configs...) join this list as those modules land; their own test files keep the
-detailed cases.
+Each entry is one bad input and the message it must produce (pinned with a regex). ``CATALOGUE`` calls the library;
+``CLI_CATALOGUE`` runs the ``neat`` command, which reports a configuration or input error in one line on stderr with
+exit code 2 (in process for speed; the same cases run as real subprocesses in the slow tier). Module-specific cases
+(VQVAE shapes, scene files, lattice configs...) live in the modules' own test files.
 """
 
 from __future__ import annotations
@@ -167,31 +168,124 @@ def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
         fn(tmp_path, ckpt)
 
 
-# -- CLI-level bad inputs (subprocess: jsonargparse prints to stderr and exits) -----------------------------------
+# -- the `neat` command: one line on stderr naming the field, the value and the rule; exit code 2 ------------------
+# (id, arguments, regex the one error line must match). Placeholders: {quickstart} and {vqvae} (shipped configs),
+# {bleu} (the BLEU monitor fragment), {ckpt} (a ByteLM checkpoint written by a plain Trainer), {cli_ckpt} (the
+# same, with the classes LightningCLI records), {newer} (a checkpoint of a future format), {truncated} (its first
+# 1000 bytes), {empty} (an empty text file), {broken} (invalid YAML).
 
 CLI_CATALOGUE = [
-    ("unknown config key", ["--model.init_args.dimm", "3"], r"dimm"),
-    ("wrong type", ["--model.init_args.dim", "wide"], r"dim.*wide|wide.*dim"),
-    ("missing config file", ["--config", "does/not/exist.yaml"], r"does/not/exist.yaml"),
-    ("unknown model class", ["--model", "neat_lightning.modules.NoSuchModel"], r"NoSuchModel"),
+    ("unknown config key", ["fit", "--config", "{quickstart}", "--model.init_args.dimm", "3", "--print_config"],
+     r"--model \(neat_lightning.modules.ByteLM\): Option 'dimm' is not accepted"),
+    ("wrong type", ["fit", "--config", "{quickstart}", "--model.init_args.dim", "wide", "--print_config"],
+     r"--model.init_args.dim \(neat_lightning.modules.ByteLM\): Expected int. Got value: wide"),
+    ("missing config file", ["fit", "--config", "does/not/exist.yaml", "--print_config"],
+     r"--config: no such file: 'does/not/exist.yaml'"),
+    ("unknown model class", ["fit", "--config", "{quickstart}", "--model", "neat_lightning.modules.NoSuchModel",
+                             "--print_config"],
+     r"--model \(neat_lightning.modules.NoSuchModel\): module 'neat_lightning.modules' has no attribute 'NoSuchModel'"),
+    ("bad YAML syntax", ["fit", "--config", "{broken}"], r"--config .*broken.yaml: invalid YAML at line 3, column 1"),
+    ("model argument against its rule", ["fit", "--config", "{quickstart}", "--model.init_args.dim", "-3",
+                                         "--trainer.fast_dev_run", "true"],
+     r"^neat fit: model ByteLM: dim=-3 must be divisible by heads=4 \(--debug shows the traceback\)$"),
+    ("callback argument against its rule", ["fit", "--config", "{quickstart}", "--config", "{bleu}",
+                                            "--trainer.callbacks+.every_n_steps", "0", "--trainer.fast_dev_run", "true"],
+     r"^neat fit: callback DecoderBLEUMonitor: every_n_steps=0 must be >= 1"),
+    ("empty validation file", ["fit", "--config", "{quickstart}", "--data.val_files", "[{empty}]",
+                               "--trainer.fast_dev_run", "true"],
+     r"^neat fit: data ByteTextDataModule: val_files=\['.*empty.txt'\]: the val split is empty \(0 bytes"),
+    ("checkpoint of another model (class recorded by the CLI)",
+     ["validate", "--config", "{vqvae}", "--ckpt_path", "{cli_ckpt}"],
+     r"^neat validate: --ckpt_path: checkpoint '.*cli.ckpt' holds a ByteLM, the config's model is VQVAE "
+     r"\(neat_lightning.modules.VQVAE\); it was trained on ByteTextDataModule, the config's data is ImageDataModule"),
+    ("checkpoint of another model (class from its hyperparameters)",
+     ["validate", "--config", "{vqvae}", "--ckpt_path", "{ckpt}"],
+     r"--ckpt_path: checkpoint '.*good.ckpt' holds a ByteLM, the config's model is VQVAE"),
+    ("callback on a module lacking its protocol", ["fit", "--config", "{vqvae}", "--config", "{bleu}",
+                                                   "--trainer.fast_dev_run", "true"],
+     r"^neat fit: callback DecoderBLEUMonitor: DecoderBLEUMonitor needs a module implementing the TextGenerator "
+     r"protocol, but VQVAE lacks `generate_text`"),
+    ("checkpoint truncated", ["validate", "--config", "{quickstart}", "--ckpt_path", "{truncated}"],
+     r"^neat validate: --ckpt_path: '.*truncated.ckpt' is not a complete checkpoint \(\d+ bytes; truncated"),
+    ("checkpoint of a newer format", ["validate", "--config", "{quickstart}", "--ckpt_path", "{newer}"],
+     r"--ckpt_path: checkpoint '.*newer.ckpt': checkpoint format 3 was written by a newer neat_lightning; this "
+     r"version reads formats up to 2"),
 ]
 
 
-@pytest.mark.parametrize("name, args, match", CLI_CATALOGUE, ids=[c[0] for c in CLI_CATALOGUE])
-def test_bad_cli_input(name, args, match, tmp_path):
+@pytest.fixture(scope="module")
+def cli_inputs(ckpt, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli_inputs")
     repo = Path(__file__).resolve().parents[1]
-    base = [] if "--config" in args else ["--config", str(repo / "configs" / "byte_lm_quickstart.yaml")]
-    proc = neat("fit", *base, *args, "--print_config", cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert re.search(match, proc.stderr), proc.stderr[-2000:]
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = "neat_lightning.modules.ByteLM"  # as LightningCLI records them
+    checkpoint["datamodule_hyper_parameters"] = {"_class_path": "neat_lightning.data.ByteTextDataModule"}
+    torch.save(checkpoint, root / "cli.ckpt")
+    checkpoint["neat_format"] = 3
+    torch.save(checkpoint, root / "newer.ckpt")
+    (root / "truncated.ckpt").write_bytes(ckpt.read_bytes()[:1000])
+    (root / "empty.txt").write_text("")
+    (root / "broken.yaml").write_text("model:\n  class_path: [unclosed\n")
+    return {"quickstart": str(repo / "configs" / "byte_lm_quickstart.yaml"),
+            "vqvae": str(repo / "configs" / "vqvae_quickstart.yaml"), "bleu": str(repo / "callbacks" / "bleu_monitor.yaml"),
+            "ckpt": str(ckpt), "cli_ckpt": str(root / "cli.ckpt"), "newer": str(root / "newer.ckpt"), "truncated": str(root / "truncated.ckpt"),
+            "empty": str(root / "empty.txt"), "broken": str(root / "broken.yaml")}
 
 
-def test_bad_yaml_syntax_names_the_file(tmp_path):
-    bad = tmp_path / "broken.yaml"
-    bad.write_text("model:\n  class_path: [unclosed\n")
-    proc = neat("fit", "--config", str(bad), cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode == 2
-    assert re.search(r"--config .*broken.yaml: invalid YAML at line 3, column 1", proc.stderr), proc.stderr
+def cli_args(args: list[str], inputs: dict[str, str], tmp_path: Path) -> list[str]:
+    return [a.format(**inputs) for a in args] + ["--runs_dir", str(tmp_path / "runs")]
+
+
+def the_error_line(stderr: str) -> str:
+    """The one ``neat ...:`` line of ``stderr``; fails on a traceback or on several error lines."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("neat")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, args, match", CLI_CATALOGUE, ids=[c[0] for c in CLI_CATALOGUE])
+def test_bad_cli_input(name, args, match, tmp_path, cli_inputs, capsys, monkeypatch):
+    """In process (``neat_lightning.cli.main``): exit code 2 and one line."""
+    from neat_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEAT_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    assert main(cli_args(args, cli_inputs, tmp_path)) == 2
+    assert re.search(match, the_error_line(capsys.readouterr().err))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, args, match", CLI_CATALOGUE, ids=[c[0] for c in CLI_CATALOGUE])
+def test_bad_cli_input_subprocess(name, args, match, tmp_path, cli_inputs):
+    """The real `neat` command in a fresh interpreter: exit code 2 and one line on stderr."""
+    proc = neat(*cli_args(args, cli_inputs, tmp_path), cwd=tmp_path, check=False, timeout=180,
+                env={"NEAT_DEBUG": ""})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(match, the_error_line(proc.stderr))
+
+
+def test_debug_shows_the_traceback(tmp_path, cli_inputs, capsys, monkeypatch):
+    """``--debug`` (taken out before LightningCLI parses) or ``NEAT_DEBUG=1``: the original exception propagates."""
+    from neat_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEAT_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    args = cli_args(["fit", "--config", "{quickstart}", "--model.init_args.dim", "-3"], cli_inputs, tmp_path)
+    with pytest.raises(ValueError, match=r"dim=-3 must be divisible by heads=4"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("NEAT_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"Does not validate"):  # jsonargparse's wrapper, caused by the module's
+        main(args)
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback_subprocess(tmp_path, cli_inputs):
+    args = cli_args(["fit", "--config", "{quickstart}", "--model.init_args.dim", "-3"], cli_inputs, tmp_path)
+    proc = neat(*args, "--debug", cwd=tmp_path, check=False, timeout=180)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "ValueError: dim=-3 must be divisible by heads=4" in proc.stderr
 
 
 def test_catalogue_size():

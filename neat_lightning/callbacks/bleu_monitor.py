@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from neat_lightning.protocols import TextGenerator, require
+from neat_lightning.protocols import PromptSource, TextGenerator, missing_methods, require
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ class DecoderBLEUMonitor(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require(pl_module, TextGenerator, self)
         if self.prompts is None:
-            source = getattr(trainer, "datamodule", None)
-            if source is None or not callable(getattr(source, "validation_pairs", None)):
+            source = trainer.datamodule
+            if source is None or missing_methods(source, PromptSource):
                 raise ValueError(
                     f"{type(self).__name__} got no prompts and the datamodule "
                     f"{type(source).__name__ if source is not None else None} has no `validation_pairs(n)`; "
@@ -161,9 +161,12 @@ class DecoderBLEUMonitor(Callback):
             pl_module.log("val/exact_match_gen", em, on_step=True, on_epoch=False)
             pl_module.log("bleu/overhead", self.overhead(), on_step=True, on_epoch=False)
         log.info("step %d: BLEU %.2f, exact match %.3f, monitor overhead %.2f%%", step, bleu, em, 100 * self.overhead())
-        if self.stop_above is not None and bleu >= self.stop_above:
-            log.info("BLEU %.2f >= stop_above=%.2f: stopping", bleu, self.stop_above)
-            trainer.should_stop = True
+        if self.stop_above is not None:
+            # like EarlyStopping: every rank takes the same decision (any rank reaching the target stops them all)
+            stop = trainer.strategy.reduce_boolean_decision(bleu >= self.stop_above, all=False)
+            if stop:
+                log.info("BLEU %.2f >= stop_above=%.2f: stopping", bleu, self.stop_above)
+            trainer.should_stop = trainer.should_stop or stop
         if self.alert_below is not None:
             above_before = any(b >= self.alert_below for _, b in self.history[:-1])
             alert = bleu < self.alert_below and above_before

@@ -1,6 +1,6 @@
 """ComponentSchedule: switch a module's components on (or off) at configured training steps.
 
-The seeds activate NeatModel's parts progressively — the backbone first, the long-term memory once the bytes are
+NeatModel's parts are activated progressively — the backbone first, the long-term memory once the bytes are
 modelled, SVF experts last. Any module implementing :class:`~neat_lightning.protocols.ComponentSwitchable` works.
 """
 
@@ -30,7 +30,8 @@ class ComponentSchedule(Callback):
         deactivate: component name -> global step at which it is switched off.
 
     Raises:
-        ValueError: a negative step, or a component both activated and deactivated at the same step.
+        ValueError: a negative step, or a component both activated and deactivated at the same step; at ``setup``, a
+            component the module does not have (``component_names()``).
         TypeError: at ``setup``, when the module does not implement ``ComponentSwitchable``.
 
     Example::
@@ -68,13 +69,12 @@ class ComponentSchedule(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require(pl_module, ComponentSwitchable, self)
-        known = getattr(pl_module, "components", None)
-        if known is not None:
-            for _, _, name, _ in self.events:
-                if name not in known:
-                    raise ValueError(
-                        f"ComponentSchedule: {type(pl_module).__name__} has no component {name!r}; it has {list(known)}"
-                    )
+        known = tuple(pl_module.component_names())
+        for _, _, name, _ in self.events:
+            if name not in known:
+                raise ValueError(
+                    f"ComponentSchedule: {type(pl_module).__name__} has no component {name!r}; it has {list(known)}"
+                )
 
     def apply_due(self, pl_module: L.LightningModule, step: int) -> list[str]:
         """Apply every not-yet-fired event with ``event step <= step``; returns the keys applied."""

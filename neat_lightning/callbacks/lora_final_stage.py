@@ -8,7 +8,8 @@ training batches to the dialogue-scene corpus at the same step. When ``fit`` end
 base weights (``at_end="merge"``: plain architecture again) or keeps them separate (``at_end="keep"``).
 
 Checkpoints and resume:
-  * the injected structure is recorded with ``module.record_structure("lora", ...)`` (``ResumableModule``), so
+  * the injected structure is recorded with ``module.record_structure("lora", ...)`` (the ``StructureRecorder``
+    protocol, which ``ResumableModule`` implements), so
     ``Module.load_from_checkpoint(path)`` alone rebuilds the adapters; a copy is also written under
     ``checkpoint["lora"]`` for other LightningModules, which call
     :func:`~neat_lightning.components.lora.restore_from_checkpoint` in their ``on_load_checkpoint``;
@@ -47,6 +48,7 @@ from neat_lightning.components.lora import (
     target_names,
 )
 from neat_lightning.components.optim import warmup_cosine
+from neat_lightning.protocols import DataSwitchable, StructureRecorder, missing_methods
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class LoRAFinalStage(Callback):
         min_lr_ratio: the learning rate decays (cosine) to ``min_lr_ratio * learning_rate`` at ``max_steps``;
             ``1.0`` keeps it constant. Without ``max_steps`` it stays at the peak after warm-up.
         switch_data: switch the training data to the scene corpus when the stage begins. ``None``: when the
-            DataModule can (it has ``schedule_switch``, as ``SceneDataModule`` does); ``True``: require it.
+            DataModule can (the ``DataSwitchable`` protocol, as ``SceneDataModule``); ``True``: require it.
         at_end: ``"merge"`` folds the adapters into the base weights when ``fit`` ends and restores plain layers;
             ``"keep"`` leaves the adapters separate and unmerged. Either way the base's ``requires_grad`` is restored.
         seed: seed of the adapters' initialisation (independent of the global RNG).
@@ -172,7 +174,7 @@ class LoRAFinalStage(Callback):
         if self._start_step is not None and trainer.max_steps and 0 < trainer.max_steps <= self._start_step:
             rank_zero_warn(f"{type(self).__name__}: the stage starts at step {self._start_step}, at or after "
                            f"max_steps={trainer.max_steps}; it will not run")
-        if not hasattr(pl_module, "record_structure"):
+        if not isinstance(pl_module, StructureRecorder):
             rank_zero_warn(
                 f"{type(self).__name__}: {type(pl_module).__name__} is not a ResumableModule; to load its checkpoints, "
                 "call neat_lightning.components.lora.restore_from_checkpoint(self, checkpoint) in its "
@@ -184,8 +186,7 @@ class LoRAFinalStage(Callback):
         if self.switch_data is False:
             return
         dm = trainer.datamodule
-        switch = getattr(dm, "schedule_switch", None)
-        if not callable(switch):
+        if dm is None or missing_methods(dm, DataSwitchable):
             if self.switch_data:
                 raise TypeError(
                     f"{type(self).__name__}(switch_data=True) needs a DataModule with `schedule_switch` (e.g. "
@@ -193,9 +194,9 @@ class LoRAFinalStage(Callback):
                 )
             return
         if self.start_unit == "epoch":
-            switch(epoch=int(self.start))
+            dm.schedule_switch(epoch=int(self.start))
         else:
-            switch(step=self._start_step)
+            dm.schedule_switch(step=self._start_step)
 
     # -- the stage -------------------------------------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class LoRAFinalStage(Callback):
         rank_zero_info(f"{type(self).__name__}: stage begins at step {self.began_at}. {lora_report(pl_module)}")
 
     def _record(self, pl_module: L.LightningModule, frozen: bool = True) -> None:
-        if hasattr(pl_module, "record_structure"):
+        if isinstance(pl_module, StructureRecorder):
             state = lora_state(pl_module, frozen=frozen) if lora_layers(pl_module) else None
             pl_module.record_structure("lora", state)
 

@@ -1,12 +1,13 @@
 """MemoryCleanup: periodic garbage collection, cache release and memory logging during long runs.
 
-The seeds' large-lattice prototypes grew their memory step after step (stale carrier buffers, cached activity
-fields, CUDA's caching allocator holding freed blocks). Every ``every_n_steps`` optimiser steps (before the next batch) this callback
+Long runs of large models can grow their memory step after step (stale carrier buffers, cached activity fields,
+CUDA's caching allocator holding freed blocks). Every ``every_n_steps`` optimiser steps (before the next batch) this
+callback
 
 1. runs ``gc.collect()`` (reference cycles holding tensors);
 2. calls ``release_memory()`` on every submodule implementing :class:`~neat_lightning.protocols.Releasable`
    (the LightningModule itself included), which drops caches and returns the bytes (or items) freed;
-3. empties the CUDA cache when reserved memory exceeds ``cuda_reserved_threshold_gb`` (seed: 20 GB);
+3. empties the CUDA cache when reserved memory exceeds ``cuda_reserved_threshold_gb`` (default 20 GB);
 4. logs ``memory/rss_mib`` (process resident set, from ``/proc/self/status``), and on CUDA
    ``memory/cuda_allocated_mib`` / ``memory/cuda_reserved_mib``, plus ``memory/released_mib``.
 """
@@ -49,7 +50,7 @@ class MemoryCleanup(Callback):
     """Free memory every ``every_n_steps`` steps and log how much is in use.
 
     Args:
-        every_n_steps: run the cleanup after every this many optimiser steps (seed: 10).
+        every_n_steps: run the cleanup after every this many optimiser steps.
         cuda_reserved_threshold_gb: empty the CUDA cache when reserved memory exceeds this (GB, 1e9 bytes).
         log_memory: log ``memory/*`` metrics through the LightningModule.
 

@@ -1,6 +1,6 @@
 """PlasticityStages: a stage table that switches plasticity profiles, turns on clustering and prunes connections.
 
-The default table follows the seeds' developmental schedule (six stages):
+The default table is a six-stage developmental schedule:
 
 =====  ==============  ==========  ===============
 stage  profile         clustering  sparsity target
@@ -14,8 +14,9 @@ stage  profile         clustering  sparsity target
 =====  ==============  ==========  ===============
 
 Stage boundaries count optimiser steps (``unit="steps"``) or training samples seen (``unit="samples"``). The
-callback reaches the module through the ``Plastic`` protocol (``set_plasticity_profile``); stages that cluster or
-prune also need ``set_clustering_enabled(bool)`` and ``prune_connections(sparsity) -> float``.
+callback reaches the module through the ``Plastic`` protocol (``set_plasticity_profile``); a table with stages that
+cluster or prune also needs the ``StagedLattice`` protocol (``set_clustering_enabled(bool)``,
+``prune_connections(sparsity) -> float``), and a module that has it gets every stage's clustering switch.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from neat_lightning.components.plasticity import PROFILES, profile_by_name
-from neat_lightning.protocols import Plastic, StagedLattice, missing_methods, require
+from neat_lightning.protocols import Plastic, StagedLattice, require
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,8 @@ class PlasticityStages(Callback):
 
     Raises:
         ValueError: for an unsorted table, an unknown profile or a bad sparsity.
-        TypeError: in ``setup`` if the module lacks ``set_plasticity_profile`` (or the clustering / pruning methods a
-            stage needs).
+        TypeError: in ``setup`` if the module is not ``Plastic`` (or, when a stage clusters or prunes, not a
+            ``StagedLattice``).
 
     Example::
 
@@ -96,16 +98,16 @@ class PlasticityStages(Callback):
         self.stages, self.unit = stages, unit
         self.stage = -1
         self.samples_seen = 0
+        self.staged = False  # set in setup: the module is a StagedLattice
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require(pl_module, Plastic, self)
         if any(s.clustering or s.sparsity > 0 for s in self.stages):
-            missing = missing_methods(pl_module, StagedLattice)
-            if missing:
-                raise TypeError(
-                    f"{type(self).__name__} has clustering/pruning stages, but {type(pl_module).__name__} lacks "
-                    f"{', '.join(f'`{m}`' for m in missing)}"
-                )
+            try:
+                require(pl_module, StagedLattice, self)
+            except TypeError as err:
+                raise TypeError(f"{err} Its stage table clusters or prunes.") from None
+        self.staged = isinstance(pl_module, StagedLattice)
 
     def position(self, trainer: L.Trainer) -> int:
         return trainer.global_step if self.unit == "steps" else self.samples_seen
@@ -118,7 +120,7 @@ class PlasticityStages(Callback):
         """Put the module in stage ``index``: profile, clustering switch, pruning to the stage's sparsity."""
         s = self.stages[index]
         pl_module.set_plasticity_profile(profile_by_name(s.profile))
-        if hasattr(pl_module, "set_clustering_enabled"):
+        if self.staged:
             pl_module.set_clustering_enabled(s.clustering)
         reached = pl_module.prune_connections(s.sparsity) if s.sparsity > 0 else None
         log.info("plasticity stage %d: profile %s, clustering %s, sparsity %s", index + 1, s.profile, s.clustering,
@@ -145,7 +147,7 @@ class PlasticityStages(Callback):
 
 def batch_size_of(batch: Any) -> int:
     """Samples in a batch: the leading size of its first tensor (dicts, tuples and lists are searched)."""
-    if hasattr(batch, "shape"):
+    if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
     for item in items:

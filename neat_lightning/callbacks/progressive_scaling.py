@@ -1,18 +1,22 @@
 """ProgressiveScaling: grow the lattice between stages, carrying over what was learnt, within a memory budget.
 
-The seeds grow the lattice 16³ → 20³ → 24³ → 32×32×24 → 40×40×30 → … → 128×128×96 (written ``W×H×D``; here sizes
-are ``(D, H, W)``, depth first: :data:`~neat_lightning.components.memory_budget.SIZE_SCHEDULE`). At the first
-training batch of a stage the module's ``grow(size)`` resamples every per-cell field (connections and traces
-trilinearly, the pruning mask and cluster ids by nearest neighbour) and the face-sized parameters bilinearly, in
-place; the shared rule and the encoder/decoder are unchanged. This callback then resamples the optimizer's
-per-parameter state (AdamW's moments) of the resized parameters the same way, so the optimizer continues rather
-than restarts. The module records its new size (and lattice steps) as structural state: a checkpoint taken after
-growth loads with ``LatticeNetwork.load_from_checkpoint(path)`` alone and a ``ckpt_path`` resume continues exactly.
+The default schedule grows the lattice 16³ → 20³ → 24³ → 32×32×24 → 40×40×30 → … → 128×128×96 (written ``W×H×D``;
+here sizes are ``(D, H, W)``, depth first: :data:`~neat_lightning.components.memory_budget.SIZE_SCHEDULE`), one size
+every 1,000 steps. At the first training batch of a stage the module's ``grow(size)`` resamples every per-cell field
+(connections and traces trilinearly, the pruning mask and cluster ids by nearest neighbour) and the face-sized
+parameters bilinearly, in place; the shared rule and the encoder/decoder are unchanged. This callback then resamples
+the optimizer's per-parameter state (AdamW's moments) of the resized parameters the same way (each
+:class:`~neat_lightning.protocols.GrownParameter` carries its resampling), so the optimizer continues rather than
+restarts. The module records its new size (and lattice steps) as structural state: a checkpoint taken after growth
+loads with ``load_from_checkpoint(path)`` alone and a ``ckpt_path`` resume continues exactly.
 
-With ``memory_budget_gb`` set, a growth whose estimated training-step memory
-(:func:`~neat_lightning.components.memory_budget.estimate_memory`) exceeds the budget is skipped, and growth stops
-there for the rest of the run. The lattice never shrinks: a stage smaller than the current lattice in any dimension
-is skipped (so the default schedule also suits a base config that starts larger than 16³).
+With ``memory_budget_gb`` set, a growth whose estimated training-step memory (the module's ``estimate_memory``)
+exceeds the budget is skipped, and growth stops there for the rest of the run. The lattice never shrinks: a stage
+smaller than the current lattice in any dimension is skipped (so the default schedule also suits a base config that
+starts larger than 16³).
+
+The module is reached only through the :class:`~neat_lightning.protocols.Growable` protocol (``current_size``,
+``estimate_memory``, ``grow``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from neat_lightning.components.memory_budget import SIZE_SCHEDULE, MemoryConfig, estimate_memory
-from neat_lightning.protocols import Growable, require
+from neat_lightning.callbacks.plasticity_stages import batch_size_of
+from neat_lightning.components.memory_budget import SIZE_SCHEDULE
+from neat_lightning.protocols import Growable, GrownParameter, require
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +49,18 @@ DEFAULT_SCHEDULE: tuple[SizeStage, ...] = tuple(SizeStage(1000 * i, s) for i, s 
 
 
 @torch.no_grad()
-def resample_optimizer_state(optimizer: torch.optim.Optimizer, resized: dict[str, torch.nn.Parameter],
-                             old_shapes: dict[str, torch.Size], resample) -> int:
+def resample_optimizer_state(optimizer: torch.optim.Optimizer, resized: dict[str, GrownParameter]) -> int:
     """Resample the per-parameter optimizer state (e.g. AdamW's ``exp_avg``, ``exp_avg_sq``) of parameters whose
-    shape changed: every state tensor with the parameter's old shape goes through ``resample(tensor, name)``; scalars
-    (``step``) are kept. Returns the number of tensors resampled."""
+    shape changed: every state tensor with the parameter's old shape goes through the parameter's own ``resample``;
+    scalars (``step``) are kept. Returns the number of tensors resampled."""
     n = 0
-    for name, p in resized.items():
-        state = optimizer.state.get(p)
+    for grown in resized.values():
+        state = optimizer.state.get(grown.parameter)
         if not state:
             continue
         for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == old_shapes[name]:
-                state[key] = resample(value, name).to(value.dtype)
+            if torch.is_tensor(value) and tuple(value.shape) == tuple(grown.old_shape):
+                state[key] = grown.resample(value).to(value.dtype)
                 n += 1
     return n
 
@@ -65,8 +69,9 @@ class ProgressiveScaling(Callback):
     """Grow a lattice module through a size schedule.
 
     Args:
-        schedule: ``SizeStage(start, size)`` rows sorted by ``start``, the first at 0; None for the seeds' ten sizes
-            every 1,000 steps (:data:`DEFAULT_SCHEDULE`).
+        schedule: ``SizeStage(start, size)`` rows sorted by ``start``, the first at 0; None for the ten sizes of
+            :data:`~neat_lightning.components.memory_budget.SIZE_SCHEDULE`, one every 1,000 steps
+            (:data:`DEFAULT_SCHEDULE`).
         memory_budget_gb: stop growing before a size whose estimated training-step memory exceeds this (GiB);
             None for no limit.
 
@@ -76,7 +81,7 @@ class ProgressiveScaling(Callback):
 
     Raises:
         ValueError: an unsorted schedule, a first stage not at 0, a non-positive size or budget.
-        TypeError: at ``setup``, when the module has no ``grow(size, steps)`` method.
+        TypeError: at ``setup``, when the module does not implement the ``Growable`` protocol.
 
     Example::
 
@@ -107,31 +112,18 @@ class ProgressiveScaling(Callback):
     def stage_at(self, step: int) -> int:
         return max(i for i, s in enumerate(self.schedule) if s.start <= step)
 
-    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule, size: tuple[int, int, int]) -> int:
-        """Estimated training-step bytes of ``pl_module`` grown to ``size``."""
-        hp = pl_module.hparams
-        cfg = pl_module.config
-        steps = cfg.steps + max(0, size[0] - cfg.depth)
+    def estimate(self, trainer: L.Trainer, pl_module: Growable, size: tuple[int, int, int], batch: int = 1) -> int:
+        """Estimated training-step bytes of ``pl_module`` grown to ``size``, for batches of ``batch`` samples at the
+        trainer's precision."""
         precision = "bf16-mixed" if "bf16" in str(trainer.precision) else "32-true"
-        return estimate_memory(MemoryConfig(
-            size=tuple(size), channels=cfg.channels, hidden=cfg.hidden, steps=steps,
-            batch=int(getattr(trainer.datamodule, "batch_size", 1) or 1) if trainer.datamodule else 1,
-            precision=precision, checkpoint_every=int(hp.get("checkpoint_every", 0)),
-            stencil=cfg.stencil, encoder_dim=int(hp.get("encoder_dim", 64)), decoder_dim=int(hp.get("decoder_dim", 128)),
-            decoder_layers=int(hp.get("decoder_layers", 2)),
-        ))
+        return pl_module.estimate_memory(tuple(size), batch=max(1, batch), precision=precision)
 
-    def grow(self, trainer: L.Trainer, pl_module: L.LightningModule, size: tuple[int, int, int]) -> None:
+    def grow(self, trainer: L.Trainer, pl_module: Growable, size: tuple[int, int, int]) -> None:
         """Grow the module to ``size`` and resample the optimizers' state of the resized parameters."""
-        from neat_lightning.modules.lattice import resample_face
-
-        old_hw = pl_module.config.size[1:]
-        names = {"encoder.cell_bias": pl_module.encoder.cell_bias, "decoder.cell_pos": pl_module.decoder.cell_pos}
-        old_shapes = {n: p.shape for n, p in names.items()}
         resized = pl_module.grow(size)
         for opt in trainer.optimizers:
-            resample_optimizer_state(opt, resized, old_shapes, lambda t, _: resample_face(t, old_hw, size[1:]))
-        log.info("ProgressiveScaling: lattice grown to %s (%d steps)", size, pl_module.config.steps)
+            resample_optimizer_state(opt, resized)
+        log.info("ProgressiveScaling: lattice grown to %s", pl_module.current_size())
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
@@ -139,17 +131,17 @@ class ProgressiveScaling(Callback):
         index = self.stage_at(trainer.global_step)
         self.stage = index
         size = self.schedule[index].size
-        current = tuple(pl_module.config.size)
+        current = tuple(pl_module.current_size())
         if self.stopped_at is not None or current == size:
             return  # nothing to do (also after a resume: the checkpoint already rebuilt the grown size)
         if any(n < c for n, c in zip(size, current)):
             return  # growth only: a stage smaller than the lattice in any dimension is skipped
         if self.memory_budget_gb is not None:
-            need = self.estimate(trainer, pl_module, size)
+            need = self.estimate(trainer, pl_module, size, batch_size_of(batch))
             if need > self.memory_budget_gb * 2**30:
                 self.stopped_at = size
                 log.warning("ProgressiveScaling: %s needs ~%.2f GiB > budget %.2f GiB; growth stops at %s",
-                            size, need / 2**30, self.memory_budget_gb, pl_module.config.size)
+                            size, need / 2**30, self.memory_budget_gb, current)
                 return
         self.grow(trainer, pl_module, size)
 

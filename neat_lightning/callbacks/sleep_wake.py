@@ -4,14 +4,17 @@ A *wake* phase is ``wake_steps`` ordinary optimizer steps: the module trains on 
 items into its episodic memory. A *sleep* phase is ``sleep_steps`` optimizer steps during which the wake batch's
 gradients are dropped (``pause_wake_learning``) and, after each step, the callback
 
-1. reads the memory (:meth:`MemoryConsolidator.memory_snapshot`) and replays up to ``replay_count`` of its
-   highest-importance items into the slow weights with :meth:`MemoryConsolidator.consolidate` — a real
-   gradient-descent step on a differentiable consolidation loss (run under ``torch.enable_grad``);
-2. prunes the lowest-importance ``prune_fraction`` of the filled memory slots (:func:`prune_low_importance`), so
-   the next sleep step replays the most important items again and the slots are free for new surprises;
+1. reads the memory (:meth:`MemoryConsolidator.memory_snapshot`) and replays up to ``replay_count`` of its items
+   into the slow weights with :meth:`MemoryConsolidator.consolidate` — a real gradient-descent step on a
+   differentiable consolidation loss (run under ``torch.enable_grad``). The module picks the items (e.g. its most
+   important), or with ``sample_replay`` the callback draws them by importance from its own generator;
+2. prunes the lowest-importance ``prune_fraction`` of the filled memory slots
+   (:meth:`MemoryPrunable.prune_memory`), so the next sleep step replays the most important items again and the
+   slots are free for new surprises;
 
 and at the end of the phase calls :meth:`MemoryConsolidator.reset_short_term`. Any module implementing the
-protocol works; others are refused in ``setup`` with the protocol's ``TypeError``.
+protocols works (``MemoryPrunable`` only when ``prune_fraction > 0``); others are refused in ``setup`` with the
+protocol's ``TypeError``.
 
 Phases count optimizer steps and are a state machine (phase, step in phase, completed sleeps), checkpointed with
 the callback's random generator, so resuming in the middle of a sleep phase continues it exactly. Under DDP every
@@ -28,7 +31,6 @@ replay, pruning and reset alone).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from typing import Any, Literal
@@ -44,18 +46,10 @@ from neat_lightning.protocols import MemoryConsolidator, MemoryPrunable, require
 log = logging.getLogger(__name__)
 
 WAKE, SLEEP = "wake", "sleep"
-CONSOLIDATE_ARGS = ("steps", "lr", "max_items")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # pure helpers
-
-
-def accepted_keywords(fn: Any) -> tuple[set[str], bool]:
-    """Keyword names ``fn`` accepts and whether it takes ``**kwargs``."""
-    params = inspect.signature(fn).parameters.values()
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def snapshot_size(snapshot: dict[str, torch.Tensor]) -> int:
@@ -89,49 +83,15 @@ def select_replay(
     return {k: v[index.to(v.device)] for k, v in snapshot.items()}
 
 
-@torch.no_grad()
-def prune_slots(importance: torch.Tensor, fraction: float, *slots: torch.Tensor) -> int:
-    """Empty the lowest-importance ``fraction`` of the filled slots (importance > 0), in place.
-
-    Args:
-        importance: (M,) slot importances; 0 marks an empty slot.
-        fraction: share of the filled slots to empty, in [0, 1] (rounded down).
-        slots: tensors with leading dim M (keys, values) zeroed on the pruned slots.
-
-    Returns:
-        the number of slots emptied.
-    """
-    filled = importance > 0
-    k = int(int(filled.sum()) * fraction)
-    if k == 0:
-        return 0
-    ranked = importance.masked_fill(~filled, float("inf"))
-    index = torch.topk(ranked, k, largest=False).indices  # (k,) the least important filled slots
-    importance[index] = 0
-    for s in slots:
-        s[index] = 0
-    return k
-
-
-def prune_low_importance(module: torch.nn.Module, fraction: float) -> int:
+def prune_low_importance(module: object, fraction: float) -> int:
     """Prune the lowest-importance ``fraction`` of a module's memory slots; returns how many were emptied.
 
-    A module with ``prune_memory(fraction)`` (:class:`MemoryPrunable`) prunes itself. Otherwise every submodule with
-    an ``episodic_importance`` buffer (the Titans memory's layout: ``episodic_importance`` (M,),
-    ``episodic_keys`` / ``episodic_values`` (M, d)) is pruned in place. A module with neither is left alone (0).
+    A :class:`MemoryPrunable` module prunes itself (``prune_memory``); anything else, or ``fraction <= 0``, is left
+    alone (0).
     """
-    if fraction <= 0:
+    if fraction <= 0 or not isinstance(module, MemoryPrunable):
         return 0
-    if isinstance(module, MemoryPrunable):
-        return int(module.prune_memory(fraction))
-    pruned = 0
-    for sub in module.modules():
-        importance = getattr(sub, "episodic_importance", None)
-        if isinstance(importance, torch.Tensor):
-            slots = [t for name in ("episodic_keys", "episodic_values") if isinstance(t := getattr(sub, name, None),
-                                                                                       torch.Tensor)]
-            pruned += prune_slots(importance, fraction, *slots)
-    return pruned
+    return int(module.prune_memory(fraction))
 
 
 def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
@@ -156,9 +116,12 @@ class SleepWakeConsolidation(Callback):
         sleep_steps: optimizer steps per sleep phase (one replay + prune after each).
         consolidation_strength: learning rate of each consolidation step (``lr`` of ``consolidate``).
         consolidation_steps: gradient steps of the consolidation loss per sleep step (``steps`` of ``consolidate``).
-        replay_count: items replayed per sleep step (``max_items`` of ``consolidate``; modules whose
-            ``consolidate`` takes ``items`` get an importance-weighted draw of this many from the snapshot).
-        prune_fraction: share of the filled memory slots, lowest importance first, emptied after each sleep step.
+        replay_count: items replayed per sleep step (``max_items`` of ``consolidate``).
+        sample_replay: draw the replay set here: ``replay_count`` items without replacement, with probability
+            proportional to importance, from the callback's own generator, passed as ``consolidate(items=...)``
+            (prioritised replay); ``False`` lets the module pick its ``replay_count`` items.
+        prune_fraction: share of the filled memory slots, lowest importance first, emptied after each sleep step
+            (needs a ``MemoryPrunable`` module when > 0).
         reset_short_term: call ``reset_short_term()`` at the end of every sleep phase.
         pause_wake_learning: drop the wake batch's gradients during sleep steps, so sleep only consolidates
             (``False``: the batch still trains and consolidation follows it).
@@ -175,8 +138,9 @@ class SleepWakeConsolidation(Callback):
 
     Raises:
         ValueError: a non-positive length, strength or replay count, or ``prune_fraction`` outside [0, 1).
-        TypeError: at ``setup``, when the module does not implement ``MemoryConsolidator`` or its ``consolidate``
-            does not take ``steps``, ``lr`` and ``max_items``.
+        TypeError: at ``setup``, when the module does not implement ``MemoryConsolidator`` (or ``MemoryPrunable``
+            with ``prune_fraction > 0``); at a sleep step, when its ``consolidate`` does not take the protocol's
+            keyword arguments.
 
     Example::
 
@@ -191,6 +155,7 @@ class SleepWakeConsolidation(Callback):
         consolidation_strength: float = 1e-2,
         consolidation_steps: int = 1,
         replay_count: int = 512,
+        sample_replay: bool = False,
         prune_fraction: float = 0.25,
         reset_short_term: bool = True,
         pause_wake_learning: bool = True,
@@ -212,7 +177,7 @@ class SleepWakeConsolidation(Callback):
             raise ValueError(f"SleepWakeConsolidation early_sleep_items={early_sleep_items} must be >= 1 or None")
         self.wake_steps, self.sleep_steps = wake_steps, sleep_steps
         self.consolidation_strength, self.consolidation_steps = consolidation_strength, consolidation_steps
-        self.replay_count, self.prune_fraction = replay_count, prune_fraction
+        self.replay_count, self.sample_replay, self.prune_fraction = replay_count, sample_replay, prune_fraction
         self.reset_short_term, self.pause_wake_learning = reset_short_term, pause_wake_learning
         self.early_sleep_items, self.min_wake_steps, self.seed = early_sleep_items, min_wake_steps, seed
         # checkpointed state
@@ -226,7 +191,6 @@ class SleepWakeConsolidation(Callback):
         self.time_sleep = 0.0  # of which in sleep steps
         self.time_consolidation = 0.0  # of which in replay, pruning and reset
         # per-run bookkeeping (not checkpointed)
-        self._takes_items = False
         self._last_step: int | None = None
         self._t0: float | None = None
 
@@ -235,14 +199,8 @@ class SleepWakeConsolidation(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require(pl_module, MemoryConsolidator, self)
-        names, var_kw = accepted_keywords(pl_module.consolidate)
-        missing = [n for n in CONSOLIDATE_ARGS if n not in names]
-        if missing and not var_kw:
-            raise TypeError(
-                f"SleepWakeConsolidation calls {type(pl_module).__name__}.consolidate(steps=, lr=, max_items=), but its "
-                f"signature {inspect.signature(pl_module.consolidate)} lacks {', '.join(missing)}"
-            )
-        self._takes_items = "items" in names
+        if self.prune_fraction > 0:
+            require(pl_module, MemoryPrunable, self)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -325,12 +283,16 @@ class SleepWakeConsolidation(Callback):
         replayed = min(n, self.replay_count)
         stats: dict[str, float] = {"items_replayed": float(replayed)}
         if n > 0:
-            kwargs: dict[str, Any] = {"steps": self.consolidation_steps, "lr": self.consolidation_strength,
-                                      "max_items": self.replay_count}
-            if self._takes_items:
-                kwargs["items"] = select_replay(snapshot, self.replay_count, self.generator)
-            with torch.enable_grad():
-                result = pl_module.consolidate(**kwargs)
+            items = select_replay(snapshot, self.replay_count, self.generator) if self.sample_replay else None
+            try:
+                with torch.enable_grad():
+                    result = pl_module.consolidate(steps=self.consolidation_steps, lr=self.consolidation_strength,
+                                                   max_items=self.replay_count, items=items)
+            except TypeError as err:  # most often a consolidate() whose signature is not the protocol's
+                raise TypeError(
+                    f"SleepWakeConsolidation: {type(pl_module).__name__}.consolidate(steps=, lr=, max_items=, items=) "
+                    f"(the MemoryConsolidator protocol) raised TypeError: {err}"
+                ) from err
             for key in ("consolidation_loss", "consolidation_loss_after"):
                 if key in result:
                     stats[key] = float(result[key])

@@ -1,4 +1,4 @@
-"""``neat params``: build a config's model and print its parameters by component, against the seeds' split.
+"""``neat params``: build a config's model and print its parameters by component, against the 100M split.
 
     neat params --config configs/neat_100m.yaml
     neat params --config configs/neat_100m.yaml --model.init_args.entropy_model_ckpt other.ckpt
@@ -13,15 +13,18 @@ same class_path / init_args; ``--model.init_args.X V`` overrides apply). Compone
 * ``titans``: the Titans memory of the memory blocks (neural memory projections and MLP, persistent tokens);
 * ``mvot``: the MVoT visual path: the visual-token rows (BOI, EOI, K codes) of the embedding and output head (the
   BLT byte embedding / head in BLT mode, at its width), the visualization-decision head, and the frozen VQ-VAE
-  (``mvot.frozen.module.*``, loaded from ``vqvae_ckpt``; saved in the checkpoint, never trained, marked frozen);
+  (``mvot.frozen.module.*``, loaded from ``mvot_config.vqvae_ckpt``; saved in the checkpoint, never trained, marked
+  frozen);
 * ``other``: SVF ``z`` vectors and dispatcher, whatever else the module holds, and the frozen BLT entropy model
   (loaded from ``entropy_model_ckpt``; not part of the checkpoint, marked frozen).
 
-Targets default to the seeds' 100M split (40M / 20M / 20M / 10M / 10M); ``--target NAME=N`` changes one. The
+Targets default to the 100M split 40/20/20/10/10 (latent/local/Titans/MVoT/other, in M parameters); ``--target
+NAME=N`` changes one. The
 entropy model checkpoint is optional here: without it the parameters are counted with static patching (the same
 trainable parameters) and the entropy model row says it was not found. The VQ-VAE checkpoint is optional too:
 without it an untrained VQ-VAE is built from ``--vqvae-config`` (default ``configs/vqvae.yaml``, the one that
-trains it), which has the same parameters; its ``codebook_size`` must equal the model's ``visual_vocab_size``.
+trains it), which has the same parameters; its ``codebook_size`` must equal the model's
+``mvot_config.visual_vocab_size``.
 The table's ``frozen`` column is ``actual - trainable``.
 """
 
@@ -51,7 +54,7 @@ LABELS = {
     "mvot": "MVoT visual path",
     "other": "SVF / other",
 }
-SEED_TARGETS = {"latent": 40e6, "blt": 20e6, "titans": 20e6, "mvot": 10e6, "other": 10e6}
+TARGETS_100M = {"latent": 40e6, "blt": 20e6, "titans": 20e6, "mvot": 10e6, "other": 10e6}
 MEMORY_PARAM = re.compile(r"model\.blocks\.\d+\.(memory|persistent|readout_gate)\b")
 
 
@@ -63,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neat params", description="Parameters of a config's model, by component.")
     p.add_argument("--config", type=Path, required=True, help="A neat config YAML (its model: section is built).")
     p.add_argument("--target", action="append", default=[], metavar="NAME=N",
-                   help=f"Target of a component ({', '.join(COMPONENTS)}, or total); default: the seeds' 100M split.")
+                   help=f"Target of a component ({', '.join(COMPONENTS)}, or total); "
+                        "default: the 100M split 40/20/20/10/10.")
     p.add_argument("--json", type=Path, help="Also write the table as JSON here.")
     p.add_argument("--vqvae-config", type=Path, default=Path("configs/vqvae.yaml"),
                    help="Builds the frozen VQ-VAE (untrained, same parameters) when vqvae_ckpt is missing.")
@@ -101,8 +105,7 @@ def model_section(config: Path, overrides: list[str]) -> dict[str, Any]:
 def stand_in_vqvae(vqvae_config: Path, visual_vocab_size: int, directory: Path) -> str:
     """An untrained VQ-VAE built from ``vqvae_config``'s ``model:`` section, saved as a checkpoint in ``directory``:
     the parameters a trained one has (counting needs shapes, not values)."""
-    from neat_lightning.data.multimodal import save_vqvae_checkpoint
-    from neat_lightning.modules.vqvae import VQVAE
+    from neat_lightning.modules.vqvae import VQVAE, save_vqvae_checkpoint
 
     if not vqvae_config.is_file():
         raise CommandError(f"vqvae_ckpt not found and --vqvae-config: no such file: {str(vqvae_config)!r}")
@@ -126,25 +129,29 @@ def instantiate(model: dict[str, Any], vqvae_config: Path = Path("configs/vqvae.
                 scratch: Path | None = None) -> tuple[torch.nn.Module, list[str]]:
     """Build the model as LightningCLI would; returns it and notes about what was substituted.
 
-    ``scratch`` is a directory for a stand-in VQ-VAE checkpoint (needed only when ``vqvae_ckpt`` is missing)."""
+    ``scratch`` is a directory for a stand-in VQ-VAE checkpoint (needed only when ``mvot_config.vqvae_ckpt`` is
+    missing)."""
     import lightning as L
     from jsonargparse import ArgumentParser
 
     notes: list[str] = []
     init = model["init_args"]
     if init.get("mvot"):
-        ckpt = init.get("vqvae_ckpt")
+        mvot = dict(init.get("mvot_config") or {})
+        ckpt = mvot.get("vqvae_ckpt")
         if ckpt is None or not Path(ckpt).is_file():
             if scratch is None:
                 raise CommandError(f"vqvae_ckpt {ckpt!r} not found and no scratch directory for a stand-in")
-            init["vqvae_ckpt"] = stand_in_vqvae(vqvae_config, int(init.get("visual_vocab_size", 128)), scratch)
+            mvot["vqvae_ckpt"] = stand_in_vqvae(vqvae_config, int(mvot.get("visual_vocab_size", 128)), scratch)
+            init["mvot_config"] = mvot
             notes.append(f"vqvae_ckpt {ckpt!r} not found: counted with an untrained VQ-VAE built from "
                          f"{str(vqvae_config)!r} (same parameters)")
     blt = init.get("blt_config") or {}
-    if init.get("frontend") == "blt" and blt.get("patching", "entropy") == "entropy":
+    patcher = blt.get("patcher") or {}
+    if init.get("frontend") == "blt" and patcher.get("mode", "entropy") == "entropy":
         ckpt = init.get("entropy_model_ckpt")
-        if ckpt is None or not Path(ckpt).is_file():
-            init["blt_config"] = {**blt, "patching": "static"}  # the same trainable parameters, no checkpoint needed
+        if ckpt is None or not Path(ckpt).is_file():  # static patching: the same trainable parameters, no checkpoint
+            init["blt_config"] = {**blt, "patcher": {**patcher, "mode": "static"}}
             notes.append(f"entropy_model_ckpt {ckpt!r} not found: counted with static patching (same trainable "
                          "parameters); the frozen entropy model is not counted")
     parser = ArgumentParser(exit_on_error=False)
@@ -205,7 +212,7 @@ def count_by_component(model: torch.nn.Module) -> dict[str, dict[str, int]]:
 
 
 def parse_targets(items: list[str]) -> dict[str, float]:
-    targets = dict(SEED_TARGETS)
+    targets = dict(TARGETS_100M)
     for item in items:
         name, _, value = item.partition("=")
         if name not in (*COMPONENTS, "total") or not value:

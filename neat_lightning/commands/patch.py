@@ -19,13 +19,9 @@ from pathlib import Path
 
 import torch
 
-from neat_lightning.components.patching import (
-    Patcher,
-    PatcherConfig,
-    calibrate_threshold,
-    patch_statistics,
-)
 from neat_lightning.codec import ids_from_bytes
+from neat_lightning.components.patch_threshold import calibrate_threshold
+from neat_lightning.components.patching import Patcher, PatcherConfig, patch_statistics
 
 DEFAULT_TARGET_PATCH_SIZE = 4.5  # BLT's average entropy patch size
 

@@ -10,7 +10,7 @@ over variable-length patches of bytes:
    cross-attention*: each patch's query starts as the mean of its bytes' states (``cross_attn_init_by_pooling``)
    and attends only to the bytes of that patch (a block mask, batched over rows with a padding mask).
 3. **Latent transformer**: any callable over patch embeddings ``(B, P, C) -> (B, P, C)``; in NeatModel it is the
-   :class:`~neat_lightning.modules.neat.NeatBackbone` with Titans memory and SVF.
+   :class:`~neat_lightning.components.neat_backbone.NeatBackbone` with Titans memory and SVF.
 4. **Local decoder** (§3.3): every byte cross-attends to the latent outputs it may see, then causal blocks and a
    byte head.
 
@@ -21,9 +21,11 @@ are causal too: whether byte ``s`` starts a patch depends only on bytes ``< s`` 
 ``s``; the byte before ``s`` for space patching). So the logits at position ``t`` depend on bytes ``<= t`` only,
 which ``tests/components/test_blt.py`` checks by changing one byte.
 
-Patches come from :mod:`neat_lightning.components.patching`: entropy patching with a frozen entropy model (its
-global threshold held at a boundary ratio by :class:`~neat_lightning.components.patching.AdaptiveEntropyThreshold`
-while training, whose state travels in this module's ``state_dict`` as extra state), or static / space patching.
+Patches come from :mod:`neat_lightning.components.patching` (:class:`BLTConfig` holds its
+:class:`~neat_lightning.components.patching.PatcherConfig`): entropy patching with a frozen entropy model (its
+global threshold held at a boundary ratio by
+:class:`~neat_lightning.components.patch_threshold.AdaptiveEntropyThreshold` while training, whose state travels in
+this module's ``state_dict`` as extra state), or static / space patching.
 
 Axis legend: ``b`` batch, ``t`` bytes, ``p`` patches, ``h`` heads, ``d`` head dim, ``c`` width, ``n`` n-gram sizes.
 Plain ``torch``; no Lightning.
@@ -33,28 +35,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import nn
 
+from neat_lightning.codec import PAD_ID, VOCAB_SIZE
+from neat_lightning.components.entropy import EntropyModel
+from neat_lightning.components.patch_threshold import AdaptiveEntropyThreshold
 from neat_lightning.components.patching import (
-    AdaptiveEntropyThreshold,
-    EntropyModel,
     Patcher,
     PatcherConfig,
     patch_ids_from_lengths,
     patch_lengths_from_start_mask,
 )
 from neat_lightning.components.transformer import Block, TransformerConfig, rope_angles
-from neat_lightning.codec import PAD_ID, VOCAB_SIZE
 
 # the reference's hash primes (bytelatent/model/local_models.py, rolling_polynomial_hash), one per hash function
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133)
-MIN_MEAN_PATCH_SIZE, MAX_PATCH_SIZE = 8, 128  # the seeds' patch size bounds
+MIN_MEAN_PATCH_SIZE, MAX_PATCH_SIZE = 8, 128  # patch size bounds: mean 8-128 bytes, no patch over 128
 
 
 def exists(x: Any) -> bool:
@@ -65,19 +67,25 @@ def exists(x: Any) -> bool:
 # config
 
 
+def default_patcher() -> PatcherConfig:
+    """BLT's patching defaults: entropy patching, no patch over ``MAX_PATCH_SIZE`` bytes, static patches of 8."""
+    return PatcherConfig(mode="entropy", max_patch_length=MAX_PATCH_SIZE, patch_size=8)
+
+
 @dataclass(frozen=True)
 class BLTConfig:
     """The BLT processor's local models, hash embeddings and patching.
 
-    Patch size bounds (the seeds' 8–128): the mean patch size ``1 / target_boundary_ratio`` must lie in [8, 128]
-    and no patch is longer than ``max_patch_length`` (<= 128). ``max_patch_length`` must be at least the target
-    mean size, else the controller could never reach its target (splits add boundaries that count in the ratio).
+    Patch size bounds: the mean patch size ``1 / target_boundary_ratio`` must lie in [8, 128] bytes and no patch is
+    longer than ``patcher.max_patch_length`` (<= 128). ``patcher.max_patch_length`` must be at least the target mean
+    size, else the controller could never reach its target (splits add boundaries that count in the ratio).
+    ``patcher.threshold`` is the fixed threshold (``adaptive=False``) or the controller's starting θ.
     """
 
     # local encoder / decoder
     dim_local: int = 128
     heads_local: int = 4
-    encoder_layers: int = 2  # the seed's 2 layers
+    encoder_layers: int = 2  # causal byte blocks before the pooling cross-attention
     decoder_layers: int = 2
     window_local: int | None = 128  # sliding-window self-attention span of the local models, bytes
     mlp_hidden_local: int | None = None  # None -> 8/3 * dim_local rounded to 32
@@ -87,18 +95,18 @@ class BLTConfig:
     ngram_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
     hash_vocab: int = 4096  # rows of each n-gram table (the reference uses 500k at 8B scale)
     # patching
-    patching: Literal["entropy", "static", "space"] = "entropy"
-    adaptive: bool = True  # entropy: EMA controller on the threshold during training
-    target_boundary_ratio: float = 0.1  # the seed's 10 % boundaries = mean patch size 10
-    threshold: float = 2.0  # nats: the fixed threshold (adaptive=False) or the controller's start
-    max_patch_length: int | None = MAX_PATCH_SIZE
-    patch_size: int = 8  # static patching
-    entropy_batch_windows: int = 16  # windows per entropy-model forward
+    patcher: PatcherConfig = field(default_factory=default_patcher)  # mode, threshold, max_patch_length, ...
+    adaptive: bool = True  # entropy: EMA controller on the global threshold during training
+    target_boundary_ratio: float = 0.1  # 10 % of bytes start a patch = mean patch size 10
 
     def __post_init__(self) -> None:
         if isinstance(self.ngram_sizes, list):  # YAML gives lists
             object.__setattr__(self, "ngram_sizes", tuple(self.ngram_sizes))
-        for name in ("dim_local", "heads_local", "cross_heads", "hash_vocab", "patch_size", "entropy_batch_windows"):
+        if isinstance(self.patcher, dict):  # as stored in checkpoints (plain values)
+            object.__setattr__(self, "patcher", PatcherConfig(**self.patcher))
+        if not isinstance(self.patcher, PatcherConfig):
+            raise TypeError(f"BLTConfig.patcher must be a PatcherConfig, got {type(self.patcher).__name__}")
+        for name in ("dim_local", "heads_local", "cross_heads", "hash_vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BLTConfig.{name}={getattr(self, name)} must be >= 1")
         for name in ("encoder_layers", "decoder_layers"):
@@ -112,23 +120,29 @@ class BLTConfig:
             raise ValueError(f"BLTConfig.dim_local={self.dim_local} must be divisible by cross_heads={self.cross_heads}")
         if any(n < 1 for n in self.ngram_sizes) or len(set(self.ngram_sizes)) != len(self.ngram_sizes):
             raise ValueError(f"BLTConfig.ngram_sizes={list(self.ngram_sizes)} must be distinct sizes >= 1")
-        if self.patching not in ("entropy", "static", "space"):
-            raise ValueError(f"BLTConfig.patching={self.patching!r} must be one of 'entropy', 'static', 'space'")
         if not 1 / MAX_PATCH_SIZE <= self.target_boundary_ratio <= 1 / MIN_MEAN_PATCH_SIZE:
             raise ValueError(
                 f"BLTConfig.target_boundary_ratio={self.target_boundary_ratio} must be in [1/{MAX_PATCH_SIZE}, "
                 f"1/{MIN_MEAN_PATCH_SIZE}] (mean patch size {MIN_MEAN_PATCH_SIZE}..{MAX_PATCH_SIZE} bytes)"
             )
-        if exists(self.max_patch_length) and not 1 <= self.max_patch_length <= MAX_PATCH_SIZE:
-            raise ValueError(f"BLTConfig.max_patch_length={self.max_patch_length} must be in [1, {MAX_PATCH_SIZE}]")
-        if self.patching == "entropy" and self.adaptive and exists(self.max_patch_length):
-            if self.max_patch_length < 1 / self.target_boundary_ratio:
-                raise ValueError(
-                    f"BLTConfig.max_patch_length={self.max_patch_length} is below the target mean patch size "
-                    f"1/target_boundary_ratio={1 / self.target_boundary_ratio:g}: the target is unreachable"
-                )
-        if not (math.isfinite(self.threshold) and self.threshold > 0):
-            raise ValueError(f"BLTConfig.threshold={self.threshold} must be a finite number > 0 (nats)")
+        p = self.patcher
+        if exists(p.max_patch_length) and not 1 <= p.max_patch_length <= MAX_PATCH_SIZE:
+            raise ValueError(
+                f"BLTConfig.patcher.max_patch_length={p.max_patch_length} must be in [1, {MAX_PATCH_SIZE}]"
+            )
+        adaptive = p.mode == "entropy" and self.adaptive
+        if adaptive and exists(p.max_patch_length) and p.max_patch_length < 1 / self.target_boundary_ratio:
+            raise ValueError(
+                f"BLTConfig.patcher.max_patch_length={p.max_patch_length} is below the target mean patch size "
+                f"1/target_boundary_ratio={1 / self.target_boundary_ratio:g}: the target is unreachable"
+            )
+        if adaptive and p.rule == "monotonic":
+            raise ValueError(
+                "BLTConfig.adaptive=True controls the global threshold, but patcher.rule='monotonic' does not use it; "
+                "use rule 'global' or 'both', or adaptive=False"
+            )
+        if not (math.isfinite(p.threshold) and p.threshold > 0):
+            raise ValueError(f"BLTConfig.patcher.threshold={p.threshold} must be a finite number > 0 (nats)")
         if exists(self.window_local) and self.window_local < 1:
             raise ValueError(f"BLTConfig.window_local={self.window_local} must be >= 1 or None")
         if exists(self.decoder_patch_window) and self.decoder_patch_window < 1:
@@ -188,8 +202,10 @@ class HashNgramEmbedding(nn.Module):
 # cross-attention and masks
 
 
-class CrossAttention(nn.Module):
-    """Pre-norm multi-head cross-attention with a residual: ``x + proj(attn(q(x), kv(ctx), mask))``.
+class PatchCrossAttention(nn.Module):
+    """Pre-norm multi-head cross-attention between bytes and patches, with a residual:
+    ``x + proj(attn(q(x), kv(ctx), mask))`` (the encoder's patch-to-own-bytes pooling and the decoder's
+    byte-to-patches reading).
 
     Args:
         dim_q: width of the queries ``x`` (and of the output).
@@ -263,8 +279,13 @@ def mean_pool(x: torch.Tensor, patch_ids: torch.Tensor, n_patches: int) -> torch
 # the processor
 
 
-class BLTOutput(dict):
-    """What :meth:`BLTProcessor.forward` returns (a dict, so it passes through Lightning untouched)."""
+class BLTOutput(NamedTuple):
+    """What :meth:`BLTProcessor.forward` returns."""
+
+    logits: torch.Tensor  # (B, T, V) next-byte logits
+    latent: torch.Tensor  # (B, P, dim) latent outputs
+    patch_ids: torch.Tensor  # (B, T) int64 patch of each byte
+    lengths: torch.Tensor  # (B, P) int64 patch lengths, padded with 0
 
 
 class BLTProcessor(nn.Module):
@@ -276,7 +297,7 @@ class BLTProcessor(nn.Module):
         dim: width of the latent model (the patch embeddings it receives and the outputs it returns).
         dropout: dropout in the local blocks.
         rope_base: RoPE base of the local blocks.
-        entropy_model: ``(B, T) ids -> (B, T, V) logits``, frozen; required for ``patching="entropy"``. It is *not*
+        entropy_model: ``(B, T) ids -> (B, T, V) logits``, frozen; required for ``patcher.mode="entropy"``. It is *not*
             a submodule: it is neither trained nor saved with this module (it is reloaded from its own checkpoint).
     """
 
@@ -292,8 +313,8 @@ class BLTProcessor(nn.Module):
         super().__init__()
         if not isinstance(config, BLTConfig):
             raise TypeError(f"config must be a BLTConfig, got {type(config).__name__}")
-        if config.patching == "entropy" and entropy_model is None:
-            raise ValueError("BLTConfig.patching='entropy' needs an entropy_model (a frozen ByteLM)")
+        if config.patcher.mode == "entropy" and entropy_model is None:
+            raise ValueError("BLTConfig.patcher.mode='entropy' needs an entropy_model (a frozen ByteLM)")
         if dim % config.cross_heads:
             raise ValueError(f"dim={dim} must be divisible by BLTConfig.cross_heads={config.cross_heads}")
         self.config, self.dim, self.vocab_size = config, dim, vocab_size
@@ -306,10 +327,11 @@ class BLTProcessor(nn.Module):
         self.encoder = nn.ModuleList(Block(self.local_config) for _ in range(config.encoder_layers))
         self.encoder_norm = nn.RMSNorm(config.dim_local, eps=1e-6)
         self.to_query = nn.Linear(config.dim_local, dim, bias=False)  # pooled bytes -> patch query
-        self.pool = CrossAttention(dim, config.dim_local, config.cross_heads)
+        self.pool = PatchCrossAttention(dim, config.dim_local, config.cross_heads)
         self.start = nn.Parameter(torch.zeros(dim))  # the latent input before the first patch (the reference's BOE)
         self.decoder_cross = nn.ModuleList(
-            CrossAttention(config.dim_local, dim, config.cross_heads) for _ in range(max(config.decoder_layers, 1))
+            PatchCrossAttention(config.dim_local, dim, config.cross_heads)
+            for _ in range(max(config.decoder_layers, 1))
         )
         self.decoder = nn.ModuleList(Block(self.local_config) for _ in range(config.decoder_layers))
         self.norm = nn.RMSNorm(config.dim_local, eps=1e-6)
@@ -319,19 +341,13 @@ class BLTProcessor(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.w2.weight", ".proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * max(n_layers, 1)))
-        self.patcher = Patcher(
-            PatcherConfig(
-                mode=config.patching, threshold=config.threshold, max_patch_length=config.max_patch_length,
-                patch_size=config.patch_size, batch_windows=config.entropy_batch_windows,
-            ),
-            entropy_model,
-        )
+        self.patcher = Patcher(config.patcher, entropy_model)
         self.controller = (
             AdaptiveEntropyThreshold(
-                target_boundary_ratio=config.target_boundary_ratio, initial_threshold=config.threshold,
-                max_patch_length=config.max_patch_length,
+                target_boundary_ratio=config.target_boundary_ratio, initial_threshold=config.patcher.threshold,
+                max_patch_length=config.patcher.max_patch_length,
             )
-            if config.patching == "entropy" and config.adaptive
+            if config.patcher.mode == "entropy" and config.adaptive
             else None
         )
 
@@ -349,7 +365,7 @@ class BLTProcessor(nn.Module):
     @property
     def threshold(self) -> float:
         """The global entropy threshold in use (nats)."""
-        return self.controller.threshold if exists(self.controller) else self.config.threshold
+        return self.controller.threshold if exists(self.controller) else self.config.patcher.threshold
 
     def patch_lengths(
         self, ids: torch.Tensor, update: bool = False, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -374,7 +390,8 @@ class BLTProcessor(nn.Module):
         # byte after one starts a new patch; the entropy model and the space rule see PAD there (both causal)
         extra = ids >= VOCAB_SIZE  # (B, T)
         byte_ids = ids.masked_fill(extra, PAD_ID) if bool(extra.any()) else ids
-        mask = self.patcher.start_mask(byte_ids, threshold=self.threshold if self.config.patching == "entropy" else None)
+        entropy_mode = self.config.patcher.mode == "entropy"
+        mask = self.patcher.start_mask(byte_ids, threshold=self.threshold if entropy_mode else None)
         ruled = torch.ones_like(mask)  # (B, T) positions whose start the patching rule decides
         if byte_ids is not ids:
             forced = extra | F.pad(extra[:, :-1], (1, 0), value=False)  # (B, T)
@@ -457,9 +474,14 @@ class BLTProcessor(nn.Module):
     ) -> BLTOutput:
         """ids (B, T) -> logits (B, T, V) through ``latent_model`` ((B, P, dim) -> (B, P, dim)).
 
+        Args:
+            ids: (B, T) int64 ids.
+            latent_model: the model over patches.
+            lengths: (B, P) int64 patch lengths of ``ids`` when already computed (e.g. by :meth:`patch_lengths`
+                with ``update=True`` earlier in the step); ``None`` patches here without updating the controller.
+
         Returns:
-            a dict: ``logits`` (B, T, V), ``latent`` (B, P, dim) latent outputs, ``patch_ids`` (B, T),
-            ``lengths`` (B, P).
+            :class:`BLTOutput`: logits (B, T, V), latent (B, P, dim), patch_ids (B, T), lengths (B, P).
         """
         if lengths is None:
             lengths = self.patch_lengths(ids)

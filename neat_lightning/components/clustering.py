@@ -11,9 +11,29 @@ Axis legend: ``n`` cells, ``c`` state channels, ``k`` clusters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Functional clustering of the lattice's cells and the coordination loss built on it."""
+
+    n_clusters: int = 8  # K
+    sample_size: int = 4096  # cells sampled per k-means update
+    enabled: bool = False  # cluster from the start (PlasticityStages switches it per stage)
+    coordination: float = 0.0  # weight of the cluster coordination loss (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.n_clusters < 1:
+            raise ValueError(f"n_clusters={self.n_clusters} must be >= 1")
+        if self.sample_size < 1:
+            raise ValueError(f"sample_size={self.sample_size} must be >= 1")
+        if self.coordination < 0:
+            raise ValueError(f"coordination={self.coordination} must be >= 0")
 
 
 class CosineKMeans(nn.Module):

@@ -1,5 +1,5 @@
-"""Energy flow through the lattice (seed 004): carriers with a position, a small recurrent state and an energy move
-through a ``D × H × W`` lattice of cells, reading and writing the cells they pass.
+"""Energy flow through the lattice: carriers with a position, a small recurrent state and an energy move through a
+``D × H × W`` lattice of cells, reading and writing the cells they pass.
 
 One step, for every live carrier at once (no loop over carriers or cells):
 
@@ -15,10 +15,12 @@ One step, for every live carrier at once (no loop over carriers or cells):
 
 Carriers start on the input face (depth coordinate −1) at uniformly random ``(h, w)`` positions drawn in one
 vectorised call; the input face's cells hold the encoded question. The output face (the last ``H·W`` cells) is what
-the decoder reads.
+the decoder reads. The lattice's size, channels and steps come from its
+:class:`~neat_lightning.components.lattice.LatticeConfig`; :class:`EnergyFlowConfig` holds the carriers' own
+settings.
 
 Axis legend: ``b`` batch, ``p`` carriers, ``c`` cell channels, ``s`` carrier state, ``m`` remembered positions,
-``n`` cells (``d·h·w``).
+``n`` cells (``d·h·w``), ``x`` the three position axes (d, h, w).
 """
 
 from __future__ import annotations
@@ -29,25 +31,22 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from neat_lightning.components.lattice import LatticeConfig
+
 
 @dataclass(frozen=True)
 class EnergyFlowConfig:
-    """Shape and dynamics of the energy-flow lattice."""
+    """The carriers: how many, their state, how far and how long they move."""
 
-    depth: int = 16  # D
-    height: int = 16  # H
-    width: int = 16  # W
-    channels: int = 16  # C: state channels per cell
     carriers: int = 1024  # P: carriers per sample
     carrier_dim: int = 8  # S: recurrent state per carrier
-    steps: int = 20  # T: carrier steps per forward; >= depth - 1 so the drift can carry them to the output face
     max_step: float = 0.1  # largest learned displacement per axis and step, in normalised units
     energy_decay: float = 0.98  # energy multiplier per step
     min_energy: float = 1e-3  # carriers below this energy stop
     memory: int = 5  # remembered past positions
 
     def __post_init__(self) -> None:
-        for name in ("depth", "height", "width", "channels", "carriers", "carrier_dim", "steps", "memory"):
+        for name in ("carriers", "carrier_dim", "memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not self.max_step > 0:
@@ -55,14 +54,11 @@ class EnergyFlowConfig:
         if not 0.0 < self.energy_decay <= 1.0:
             raise ValueError(f"energy_decay={self.energy_decay} must be in (0, 1]")
 
-    @property
-    def size(self) -> tuple[int, int, int]:
-        return (self.depth, self.height, self.width)
 
-    @property
-    def drift(self) -> float:
-        """Displacement along depth per step that crosses the lattice in ``depth - 1`` steps (one cell per step)."""
-        return 2.0 / max(self.depth - 1, 1)
+def drift_per_step(depth: int) -> float:
+    """Displacement along depth per step that crosses a lattice of ``depth`` planes in ``depth - 1`` steps (one cell
+    per step), in normalised units."""
+    return 2.0 / max(depth - 1, 1)
 
 
 @dataclass
@@ -117,22 +113,27 @@ class EnergyFlow(nn.Module):
     """Learned carrier dynamics: a GRU cell over (cell read, position memory, energy), a move head and a write head,
     shared by every carrier."""
 
-    def __init__(self, config: EnergyFlowConfig) -> None:
+    def __init__(self, config: EnergyFlowConfig, lattice: LatticeConfig) -> None:
         super().__init__()
-        self.config = config
-        n_in = config.channels + 3 * config.memory + 1
+        self.config, self.lattice = config, lattice
+        n_in = lattice.channels + 3 * config.memory + 1
         self.cell = nn.GRUCell(n_in, config.carrier_dim)
         self.move = nn.Linear(config.carrier_dim, 3)
-        self.write = nn.Linear(config.carrier_dim, config.channels)
+        self.write = nn.Linear(config.carrier_dim, lattice.channels)
         nn.init.zeros_(self.move.weight)  # start by drifting straight to the output face
         nn.init.zeros_(self.move.bias)
+
+    @property
+    def drift(self) -> float:
+        """Displacement along depth per step (:func:`drift_per_step` of the lattice's depth)."""
+        return drift_per_step(self.lattice.depth)
 
     def step(self, cells: torch.Tensor, carriers: Carriers) -> tuple[torch.Tensor, Carriers]:
         """One carrier step. cells (B, N, C) -> (next cells (B, N, C), next carriers)."""
         cfg = self.config
         B, N, C = cells.shape
         P = carriers.position.shape[1]
-        idx = nearest_cell(carriers.position, cfg.size)  # (B, P)
+        idx = nearest_cell(carriers.position, self.lattice.size)  # (B, P)
         flat = rearrange(idx + N * torch.arange(B, device=idx.device)[:, None], "b p -> (b p)")
         read = rearrange(cells, "b n c -> (b n) c")[flat]  # (B·P, C)
         x = torch.cat([read, rearrange(carriers.memory, "b p m x -> (b p) (m x)"),
@@ -145,8 +146,8 @@ class EnergyFlow(nn.Module):
         # in place: the read above saved only the index, so autograd allows it (and it saves a copy of the lattice)
         cells = rearrange(rearrange(cells, "b n c -> (b n) c").index_add_(0, flat, deposit), "(b n) c -> b n c", b=B)
         # move: clamp the displacement before applying it, the position after
-        limit = cfg.max_step * (1 + cfg.drift)
-        drift = torch.tensor([cfg.drift, 0.0, 0.0], device=h.device, dtype=h.dtype)
+        limit = cfg.max_step * (1 + self.drift)
+        drift = torch.tensor([self.drift, 0.0, 0.0], device=h.device, dtype=h.dtype)
         disp = (cfg.max_step * torch.tanh(self.move(h)) + drift).clamp(-limit, limit)
         position = (rearrange(carriers.position, "b p x -> (b p) x") + live * disp).clamp(-1.0, 1.0)
         position = rearrange(position, "(b p) x -> b p x", b=B)
@@ -162,17 +163,17 @@ class EnergyFlow(nn.Module):
 
         Args:
             input_face: (B, H·W, C) encoded input.
-            steps: carrier steps (default ``config.steps``).
+            steps: carrier steps (default the lattice's ``steps``).
             generator: for the carriers' starting positions.
 
         Returns:
             ``(cells (B, N, C), carriers after the last step)``.
         """
-        cfg = self.config
+        lat = self.lattice
         B, n_face, C = input_face.shape
-        N = cfg.depth * cfg.height * cfg.width
+        N = lat.depth * lat.height * lat.width
         cells = torch.cat([input_face, input_face.new_zeros(B, N - n_face, C)], dim=1)  # a fresh tensor: written in place
-        carriers = spawn_carriers(cfg, B, input_face.device, input_face.dtype, generator)
-        for _ in range(cfg.steps if steps is None else steps):  # over time steps, vectorised over carriers
+        carriers = spawn_carriers(self.config, B, input_face.device, input_face.dtype, generator)
+        for _ in range(lat.steps if steps is None else steps):  # over time steps, vectorised over carriers
             cells, carriers = self.step(cells, carriers)
         return cells, carriers

@@ -1,9 +1,9 @@
-"""A 3D lattice of cells updated by one shared local rule (a 3D neural cellular automaton), with text in and out.
+"""A 3D lattice of cells updated by one shared local rule (a 3D neural cellular automaton).
 
 Text enters the *input face* (depth 0) of a ``D × H × W`` lattice of cells with ``C`` state channels, activity
 propagates for ``T`` steps by a rule every cell shares, and a byte decoder cross-attends to the *output face*
-(depth ``D − 1``) to write the answer. One step (Mordvintsev et al. 2020, "Growing Neural Cellular Automata",
-extended to 3D and to plastic connections):
+(depth ``D − 1``) to write the answer (:mod:`neat_lightning.components.lattice_faces`). One step (Mordvintsev et al.
+2020, "Growing Neural Cellular Automata", extended to 3D and to plastic connections):
 
 1. perception: the state itself, fixed 3D Sobel (∂/∂d, ∂/∂h, ∂/∂w) and Laplacian kernels applied per channel
    (``perception="sobel"``) or a learned depthwise 3×3×3 convolution (``perception="depthwise"``), and the
@@ -15,13 +15,13 @@ extended to 3D and to plastic connections):
 
 :func:`lattice_step` is a pure function of ``(state, connections)`` and the rule's parameters; no Python loop over
 cells or connections runs anywhere. Every stencil — the gated connection message and the fixed Sobel/Laplacian
-kernels — is one sparse ``(N, N)`` CSR product over all ``N = D·H·W`` cells and the whole batch (the message
-operator's values are the connection weights, gathered once per forward). On CPU this is ~50x faster than 26
-shifted dense adds and needs no ``(B, C, N, 26)`` intermediate; the state is kept cell-major ``(N, B, C)`` so the
-products and the channels-last MLP need no transposes.
+kernels — is one operator over all ``N = D·H·W`` cells and the whole batch
+(:mod:`neat_lightning.components.lattice_stencils`); the state is kept cell-major ``(N, B, C)`` so the products and
+the channels-last MLP need no transposes. The per-cell plastic state (connections, traces, clusters) lives in
+:class:`~neat_lightning.components.lattice_state.LatticeState`.
 
-Axis legend: ``b`` batch, ``c`` cell channels, ``d h w`` lattice depth/height/width, ``n`` cells (``d·h·w``, or
-``h·w`` on a face), ``k`` neighbour direction, ``j`` perception kernels, ``t`` byte positions, ``e`` model width.
+Axis legend: ``b`` batch, ``c`` cell channels, ``d h w`` lattice depth/height/width, ``n`` cells (``d·h·w``),
+``j`` perception kernels (``cj`` depthwise output channels), ``z`` non-zeros of a sparse pattern.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,8 +38,17 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neat_lightning.components.lattice_stencils import (
+    ShiftOperator,
+    SparseOperator,
+    crow_from_rows,
+    csr_matrix,
+    separable_kernels,
+    sobel_laplacian_kernels,
+    stencil_indices,
+    transpose_permutation,
+)
 from neat_lightning.components.plasticity import N_NEIGHBOURS, neighbour_offsets
-from neat_lightning.components.transformer import Block, KVCache, TransformerConfig, apply_rope, rope_angles
 
 Perception = Literal["sobel", "depthwise"]
 RuleInit = Literal["default", "transport"]
@@ -68,6 +76,9 @@ class LatticeConfig:
     # "default": PyTorch's init of the update MLP; "transport": the MLP starts as the exact copy rule
     # Δs = s[d - 1] - s (needs depth_taps and hidden >= 2·channels), so the input face reaches the output face
     rule_init: RuleInit = "default"
+    # activation checkpointing across lattice steps: keep the state every this many steps and recompute the rest in
+    # the backward (0 = off); the result and the random stream are the same either way
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("depth", "height", "width", "channels", "hidden", "steps"):
@@ -81,6 +92,8 @@ class LatticeConfig:
             raise ValueError(f"stencil={self.stencil!r} must be 'sparse' or 'shift'")
         if self.rule_init not in ("default", "transport"):
             raise ValueError(f"rule_init={self.rule_init!r} must be 'default' or 'transport'")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = no activation checkpointing)")
         if self.rule_init == "transport" and not self.depth_taps:
             raise ValueError("rule_init='transport' needs depth_taps=True (it copies the d - 1 neighbour)")
         if self.rule_init == "transport" and self.hidden < 2 * self.channels:
@@ -94,135 +107,6 @@ class LatticeConfig:
     def n_kernels(self) -> int:
         """Perception kernels per channel besides the identity: 3 Sobel + 1 Laplacian (or as many learned)."""
         return 4
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# stencils as sparse operators
-
-
-def sobel_laplacian_kernels() -> torch.Tensor:
-    """Fixed 3D kernels -> (4, 3, 3, 3): Sobel along d, h, w (smoothing [1, 2, 1] ⊗ [1, 2, 1] ⊗ derivative
-    [-1, 0, 1], scaled by 1/32) and the 27-point Laplacian (26 neighbours minus 26·centre, scaled by 1/26)."""
-    smooth = torch.tensor([1.0, 2.0, 1.0])
-    deriv = torch.tensor([-1.0, 0.0, 1.0])
-    sobel_d = torch.einsum("i,j,k->ijk", deriv, smooth, smooth) / 32
-    sobel_h = torch.einsum("i,j,k->ijk", smooth, deriv, smooth) / 32
-    sobel_w = torch.einsum("i,j,k->ijk", smooth, smooth, deriv) / 32
-    lap = torch.ones(3, 3, 3)
-    lap[1, 1, 1] = -26.0
-    return torch.stack([sobel_d, sobel_h, sobel_w, lap / 26])
-
-
-def stencil_indices(size: tuple[int, int, int], offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lattice's connections as sparse-matrix coordinates, in row-major (cell, direction) order.
-
-    Cells are numbered ``n = (d·H + h)·W + w``. Connection ``(x, k)`` links row ``x`` to column ``x + o_k``; those
-    leaving the lattice are dropped.
-
-    Args:
-        size: (D, H, W).
-        offsets: (K, 3) int64 neighbour offsets, lexicographically sorted (so columns increase along a row).
-
-    Returns:
-        ``(rows, cols, flat)``: (nnz,) int64 each; ``flat = x·K + k`` indexes a flattened ``(D, H, W, K)`` field.
-    """
-    D, H, W = size
-    cells = torch.stack(torch.meshgrid(torch.arange(D), torch.arange(H), torch.arange(W), indexing="ij"), -1)
-    cells = rearrange(cells, "d h w three -> (d h w) 1 three")
-    nb = cells + offsets[None]  # (N, K, 3)
-    valid = ((nb >= 0) & (nb < torch.tensor([D, H, W]))).all(-1)  # (N, K)
-    cols = (nb[..., 0] * H + nb[..., 1]) * W + nb[..., 2]
-    n, k = valid.nonzero(as_tuple=True)
-    return n, cols[n, k], n * offsets.shape[0] + k
-
-
-def transpose_permutation(rows: torch.Tensor, cols: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a row-major sparse pattern (rows, cols) of an n-column matrix: the transposed pattern's CSR row pointer
-    (n + 1,) and the permutation ``perm`` such that ``values[perm]`` are the transpose's values in its row-major
-    order (its columns are ``rows[perm]``)."""
-    perm = torch.sort(cols * (int(rows.max()) + 1 if len(rows) else 1) + rows, stable=True).indices
-    crow = torch.zeros(n + 1, dtype=torch.long)
-    crow[1:] = torch.cumsum(torch.bincount(cols, minlength=n), 0)
-    return crow, perm
-
-
-def crow_from_rows(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
-    return crow
-
-
-class SparseOperator:
-    """A sparse matrix ``A`` (M, N) and its transpose in CSR form; :meth:`__call__` is ``A @ x`` with the gradient
-    ``Aᵀ @ g`` (MKL CSR products on CPU, cuSPARSE on GPU; no coalescing in the backward)."""
-
-    def __init__(self, a: torch.Tensor, at: torch.Tensor) -> None:
-        self.a, self.at = a, at
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, F) -> (M, F)."""
-        return _SparseMatmul.apply(x, self.a, self.at)
-
-
-class _SparseMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, a, at):
-        ctx.at = at
-        return a @ x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.at @ grad.contiguous(), None, None
-
-
-def _csr(crow, col, values, shape) -> torch.Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": we use only CSR @ dense, long stable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-def _shifted(x: torch.Tensor, dim: int, offset: int) -> torch.Tensor:
-    """``out[i] = x[i + offset]`` along ``dim`` (offset in {-1, 1}), zero where ``i + offset`` leaves the lattice."""
-    n = x.shape[dim]
-    inner = x.narrow(dim, max(offset, 0), n - 1)
-    pad = [0, 0] * (x.dim() - 1 - dim) + ([1, 0] if offset < 0 else [0, 1])
-    return F.pad(inner, pad)
-
-
-class ShiftOperator:
-    """The connection message ``m[x] = 1/26 Σ_k w[x, k]·s[x + o_k]`` as 26 shifted views of the dense state: the
-    same operator as :meth:`LatticeRule.connection_operator`'s CSR matrix, without its index buffers."""
-
-    def __init__(self, connections: torch.Tensor) -> None:
-        self.size = tuple(connections.shape[:3])
-        padded = F.pad(rearrange(connections, "d h w k -> k d h w"), (1, 1, 1, 1, 1, 1))  # zero outside
-        self.weights = padded[..., None] / N_NEIGHBOURS  # (26, D+2, H+2, W+2, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, F) -> (N, F)."""
-        D, H, W = self.size
-        xp = F.pad(rearrange(x, "(d h w) f -> d h w f", d=D, h=H, w=W), (0, 0, 1, 1, 1, 1, 1, 1))
-        out = torch.zeros_like(xp[1:-1, 1:-1, 1:-1])
-        for k, (dd, dh, dw) in enumerate(neighbour_offsets().tolist()):  # over the 26 directions, not cells
-            w = self.weights[k, 1 : D + 1, 1 : H + 1, 1 : W + 1]
-            out = out + w * xp[1 + dd : D + 1 + dd, 1 + dh : H + 1 + dh, 1 + dw : W + 1 + dw]
-        return rearrange(out, "d h w f -> (d h w) f")
-
-
-def separable_kernels(x: torch.Tensor) -> torch.Tensor:
-    """The fixed Sobel d/h/w and 27-point Laplacian stencils of :func:`sobel_laplacian_kernels` by separable
-    shifted adds (correlation, zero outside the lattice). x: (D, H, W, F) -> (4, D, H, W, F)."""
-    prev = lambda t, d: _shifted(t, d, -1)  # noqa: E731
-    nxt = lambda t, d: _shifted(t, d, 1)  # noqa: E731
-    smooth = lambda t, d: prev(t, d) + 2 * t + nxt(t, d)  # noqa: E731
-    deriv = lambda t, d: nxt(t, d) - prev(t, d)  # noqa: E731
-    box = lambda t, d: prev(t, d) + t + nxt(t, d)  # noqa: E731
-    s_w, d_w = smooth(x, 2), deriv(x, 2)
-    sobel_d = deriv(smooth(s_w, 1), 0) / 32
-    sobel_h = smooth(deriv(s_w, 1), 0) / 32
-    sobel_w = smooth(smooth(d_w, 1), 0) / 32
-    lap = (box(box(box(x, 2), 1), 0) - 27 * x) / 26
-    return torch.stack([sobel_d, sobel_h, sobel_w, lap])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,8 +196,8 @@ class LatticeRule(nn.Module):
             return ShiftOperator(connections)
         N = self.msg_crow.numel() - 1
         values = connections.reshape(-1)[self.msg_flat].to(self.msg_crow.device) / N_NEIGHBOURS
-        a = _csr(self.msg_crow, self.msg_cols, values, (N, N))
-        at = _csr(self.msg_t_crow, self.msg_t_cols, values[self.msg_t_perm], (N, N))
+        a = csr_matrix(self.msg_crow, self.msg_cols, values, (N, N))
+        at = csr_matrix(self.msg_t_crow, self.msg_t_cols, values[self.msg_t_perm], (N, N))
         return SparseOperator(a, at)
 
     def kernels(self, state: torch.Tensor) -> torch.Tensor:
@@ -329,8 +213,8 @@ class LatticeRule(nn.Module):
             return rearrange(out, "j d h w (b c) -> (d h w) b (j c)", b=B)
         J = self.config.n_kernels
         op = SparseOperator(
-            _csr(self.k_crow, self.k_cols, self.k_vals.to(state.dtype), (J * N, N)),
-            _csr(self.k_t_crow, self.k_t_cols, self.k_t_vals.to(state.dtype), (N, J * N)),
+            csr_matrix(self.k_crow, self.k_cols, self.k_vals.to(state.dtype), (J * N, N)),
+            csr_matrix(self.k_t_crow, self.k_t_cols, self.k_t_vals.to(state.dtype), (N, J * N)),
         )
         out = op(rearrange(state, "n b c -> n (b c)"))  # (4N, B·C)
         return rearrange(out, "(j n) (b c) -> n b (j c)", j=J, b=B)
@@ -404,7 +288,7 @@ def run_lattice(
     stochastic: bool,
     record_activity: bool = True,
     generator: torch.Generator | None = None,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``steps`` lattice steps from a zero lattice whose input face is ``input_face``.
 
@@ -413,15 +297,17 @@ def run_lattice(
         connections: (D, H, W, 26) effective weights.
         stochastic: sample each cell's firing with probability ``fire_rate`` (training) or take the expected update.
         record_activity: also return the batch-mean activity of every step (no gradient), for plasticity.
-        checkpoint_every: 0 keeps every step's activations for the backward; ``k > 0`` keeps only the state every
-            ``k`` steps and recomputes each segment in the backward (activation checkpointing): memory
-            ``~ T/k`` states + ``k`` steps of activations instead of ``T`` steps. The firing masks are drawn outside
-            the recomputed segments, so the result and the random stream are identical either way.
+        checkpoint_every: None for ``rule.config.checkpoint_every``. 0 keeps every step's activations for the
+            backward; ``k > 0`` keeps only the state every ``k`` steps and recomputes each segment in the backward
+            (activation checkpointing): memory ``~ T/k`` states + ``k`` steps of activations instead of ``T``
+            steps. The firing masks are drawn outside the recomputed segments, so the result and the random stream
+            are identical either way.
 
     Returns:
         ``(state, activity)``: final (N, B, C) state and (T, D, H, W) activity (or None).
     """
     cfg = rule.config
+    checkpoint_every = cfg.checkpoint_every if checkpoint_every is None else checkpoint_every
     n_face, B, C = input_face.shape
     N = cfg.depth * cfg.height * cfg.width
     op = rule.connection_operator(connections)  # built once, shared by all steps
@@ -452,170 +338,6 @@ def _run_segment(rule, state, op, input_face, fires) -> list[torch.Tensor]:
         state = lattice_step(rule, state, op, input_face, fire)
         states.append(state)
     return states
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# text in, text out
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from queries ``x`` (B, T, E) to a memory (B, S, E) with SDPA."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-
-    def keys_values(self, memory: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """memory (B, S, E) -> stacked keys and values (2, B, h, S, d), reusable across decoding steps; ``rope``
-        (cos, sin) (S, d) rotates the keys by the memory slots' positions."""
-        k, v = rearrange(self.kv(memory), "b s (two h d) -> two b h s d", two=2, h=self.heads)
-        return torch.stack([apply_rope(k, *rope) if rope is not None else k, v])
-
-    def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | None, key_mask: torch.Tensor | None = None,
-        kv: torch.Tensor | None = None, rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
-        rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """x: (B, T, E), memory: (B, S, E) (or its precomputed ``kv``), key_mask: (B, S) bool True = attend
-        -> (B, T, E). ``rope_q`` (T, d) and ``rope_k`` (S, d) rotate queries and keys (relative-position scores)."""
-        q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.heads)
-        if rope_q is not None:
-            q = apply_rope(q, *rope_q)
-        k, v = kv if kv is not None else self.keys_values(memory, rope_k)
-        mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B, 1, 1, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
-
-
-class FaceEncoder(nn.Module):
-    """Question bytes -> input face. Byte embeddings + a causal transformer block give one vector per byte; byte
-    ``t`` is written onto ``k = H·W // max_len`` adjacent face cells (row-major, ``C`` channels each), so the question
-    lies spelled out across the face; a learned per-cell bias marks positions and fills the cells no byte reaches."""
-
-    def __init__(self, channels: int, height: int, width: int, dim: int, heads: int, max_len: int) -> None:
-        super().__init__()
-        if max_len > height * width:
-            raise ValueError(f"max_len={max_len} question bytes do not fit on a {height}x{width} face (one cell each)")
-        self.height, self.width, self.max_len = height, width, max_len
-        self.cells_per_byte = height * width // max_len
-        self.tconfig = TransformerConfig(vocab_size=260, dim=dim, n_layers=1, heads=heads, block_size=max_len)
-        self.embed = nn.Embedding(260, dim)
-        self.block = Block(self.tconfig)
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
-        self.out = nn.Linear(dim, self.cells_per_byte * channels, bias=False)  # PAD (zero) -> zero cells
-        self.cell_bias = nn.Parameter(torch.zeros(height * width, channels))
-        nn.init.normal_(self.embed.weight, std=0.02)
-
-    def forward(self, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-        """ids: (B, T <= max_len) int64 question bytes (PAD-padded) -> input face (B, H·W, C), cells row-major."""
-        if ids.shape[1] > self.max_len:
-            raise ValueError(f"question length {ids.shape[1]} > max_len={self.max_len}")
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        cos, sin = rope_angles(positions, self.tconfig.dim_head, self.tconfig.rope_base)
-        x = self.norm(self.block(self.embed(ids), cos, sin, positions))  # (B, T, E)
-        x = x * (ids != pad_id)[..., None]  # PAD bytes write nothing (causal: they never reach real bytes)
-        cells = rearrange(self.out(x), "b t (k c) -> b (t k) c", k=self.cells_per_byte)  # (B, T·k, C)
-        face = F.pad(cells, (0, 0, 0, self.height * self.width - cells.shape[1]))  # (B, H·W, C)
-        return face + self.cell_bias
-
-
-class DecoderLayer(nn.Module):
-    """Causal self-attention + SwiGLU (a transformer Block) followed by cross-attention to the output face."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.block = Block(config)
-        self.norm = nn.RMSNorm(config.dim, eps=1e-6)
-        self.cross = CrossAttention(config.dim, config.heads)
-
-    def forward(self, x, memory, cos, sin, positions, cache: KVCache | None = None, kv=None, cell_rope=None):
-        """``cell_rope``: (cos, sin) of the memory cells' positions (keys in a given ``kv`` are already rotated by
-        them); with it the cross-attention queries are rotated by their own positions too."""
-        x = self.block(x, cos, sin, positions, cache)
-        rope_q = (cos, sin) if cell_rope is not None else None
-        return x + self.cross(self.norm(x), memory, kv=kv, rope_q=rope_q, rope_k=cell_rope)
-
-
-class FaceDecoder(nn.Module):
-    """A small byte transformer that cross-attends to the output-face cells and predicts the next byte.
-
-    With ``cell_stride`` the cross-attention is rotary: output-face cell ``n`` (row-major) sits at reading position
-    ``n // cell_stride`` and answer byte ``j`` at ``j``, so a score can depend on their offset — the answer
-    ``"12 plus 7 is 19."`` repeats the question ``"What is 12 plus 7?"`` 8 bytes earlier, a relation learnt once for
-    every position instead of per cell. It is positional information about the output face only; the face's
-    content still has to come through the lattice."""
-
-    def __init__(
-        self, channels: int, n_cells: int, dim: int, heads: int, n_layers: int, max_len: int,
-        cell_stride: int | None = None,
-    ) -> None:
-        super().__init__()
-        if cell_stride is not None and cell_stride < 1:
-            raise ValueError(f"cell_stride={cell_stride} must be >= 1 or None")
-        self.cell_stride = cell_stride
-        self.config = TransformerConfig(vocab_size=260, dim=dim, n_layers=n_layers, heads=heads, block_size=max_len)
-        self.embed = nn.Embedding(260, dim)
-        self.cell_in = nn.Linear(channels, dim)
-        self.cell_pos = nn.Parameter(torch.randn(n_cells, dim) * 0.02)
-        self.memory_norm = nn.RMSNorm(dim, eps=1e-6)
-        self.layers = nn.ModuleList(DecoderLayer(self.config) for _ in range(n_layers))
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, 260, bias=False)
-        nn.init.normal_(self.embed.weight, std=0.02)
-
-    def memory(self, face: torch.Tensor) -> torch.Tensor:
-        """Output face (B, H·W, C) -> decoder memory (B, H·W, E)."""
-        return self.memory_norm(self.cell_in(face) + self.cell_pos)
-
-    def forward(
-        self, ids: torch.Tensor, memory: torch.Tensor | None, start_pos: int = 0,
-        caches: list[KVCache] | None = None, kvs: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """ids: (B, T) int64 (BOS + answer so far), memory: (B, N, E) -> next-byte logits (B, T, 260).
-
-        For incremental decoding pass ``caches`` (:meth:`make_caches`), ``kvs`` (:meth:`cross_keys_values`) and the
-        position ``start_pos`` of ``ids[:, 0]``."""
-        positions = torch.arange(start_pos, start_pos + ids.shape[1], device=ids.device)
-        cos, sin = rope_angles(positions, self.config.dim_head, self.config.rope_base)
-        x = self.embed(ids)
-        cell_rope = self.cell_rope()
-        for i, layer in enumerate(self.layers):
-            x = layer(x, memory, cos, sin, positions, caches[i] if caches else None, kvs[i] if kvs else None, cell_rope)
-        return self.head(self.norm(x))
-
-    def cell_rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rotary angles (cos, sin) (H·W, d) of the output-face cells' reading positions, or None (no cell_stride)."""
-        if self.cell_stride is None:
-            return None
-        cells = torch.arange(self.cell_pos.shape[0], device=self.cell_pos.device) // self.cell_stride
-        return rope_angles(cells, self.config.dim_head, self.config.rope_base)
-
-    def make_caches(self, batch: int, max_len: int) -> list[KVCache]:
-        cfg, w = self.config, self.embed.weight
-        return [KVCache(batch, cfg.heads, max_len, cfg.dim_head, device=w.device, dtype=w.dtype) for _ in self.layers]
-
-    def cross_keys_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
-        """Each layer's cross-attention keys/values of ``memory``, computed once per generation."""
-        return [layer.cross.keys_values(memory, self.cell_rope()) for layer in self.layers]
-
-
-class PointwiseAdapter(nn.Module):
-    """The no-lattice baseline's stand-in for the lattice: a residual per-cell MLP on the input face, sized to match
-    the lattice rule's parameter count, with no communication between cells."""
-
-    def __init__(self, channels: int, n_params: int) -> None:
-        super().__init__()
-        hidden = max(1, round((n_params - channels) / (2 * channels + 1)))  # C·h + h + h·C + C = n_params
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-
-    def forward(self, face: torch.Tensor) -> torch.Tensor:
-        """face (B, H·W, C) -> (B, H·W, C)."""
-        return face + self.mlp(face)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

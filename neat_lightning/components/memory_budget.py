@@ -33,7 +33,7 @@ from typing import Literal
 
 GIB = 2**30
 
-# the seeds' growth schedule, (D, H, W) with depth first
+# the default growth schedule of ProgressiveScaling: ten sizes from 16³ to 96×128×128, (D, H, W) with depth first
 SIZE_SCHEDULE: tuple[tuple[int, int, int], ...] = (
     (16, 16, 16),
     (20, 20, 20),

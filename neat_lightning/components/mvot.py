@@ -19,6 +19,7 @@ Axis legend: ``b`` batch, ``t`` positions, ``v`` vocabulary, ``k`` / ``j`` codes
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,17 @@ from torch import nn
 from neat_lightning.codec import PAD_ID, VisualVocab
 
 NO_IMAGE = -1  # decoding state of a row that is writing text (see :func:`advance`)
+
+
+class MVoTLosses(NamedTuple):
+    """What :meth:`MVoTPath.losses` returns: the two losses and detached counts for accuracies."""
+
+    loss_d: torch.Tensor  # () token discrepancy loss L_D over visual targets
+    decision_loss: torch.Tensor  # () the decision head's binary cross-entropy
+    visual_correct: torch.Tensor  # () int64 argmax hits over visual targets
+    visual_total: torch.Tensor  # () int64 visual targets
+    decision_correct: torch.Tensor  # () int64 right "image next?" decisions
+    decision_total: torch.Tensor  # () int64 positions the decision head is trained on
 
 
 def token_discrepancy_loss(
@@ -148,15 +160,14 @@ class MVoTPath(nn.Module):
     def vqvae(self) -> nn.Module:
         return self.frozen.module
 
-    def losses(self, logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, logits: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> MVoTLosses:
         """L_D, the decision head's BCE, and (detached) counts for accuracies.
 
         Args:
             logits: (B, T, V) next-token logits; hidden: (B, T, C) final hidden states; targets: (B, T) ids.
 
         Returns:
-            ``loss_d`` (), ``decision_loss`` (), ``visual_correct`` / ``visual_total`` (argmax hits over visual
-            targets), ``decision_correct`` / ``decision_total``.
+            :class:`MVoTLosses`.
         """
         loss_d = token_discrepancy_loss(logits, targets, self.distances, self.vocab)
         decision_logits = self.decision(hidden).squeeze(-1)  # (B, T)
@@ -168,14 +179,7 @@ class MVoTPath(nn.Module):
         with torch.no_grad():
             hit = (logits.argmax(-1) == targets) & visual
             decided = ((decision_logits > 0) == want.bool()) & mask
-        return {
-            "loss_d": loss_d,
-            "decision_loss": decision_loss,
-            "visual_correct": hit.sum(),
-            "visual_total": visual.sum(),
-            "decision_correct": decided.sum(),
-            "decision_total": n,
-        }
+        return MVoTLosses(loss_d, decision_loss, hit.sum(), visual.sum(), decided.sum(), n)
 
     @torch.no_grad()
     def decode_images(self, codes: torch.Tensor) -> torch.Tensor:

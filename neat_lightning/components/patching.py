@@ -6,10 +6,9 @@ Reference: Pagnoni et al. 2024, "Byte Latent Transformer: Patches Scale Better T
 section 2.3 and ``facebookresearch/blt`` ``bytelatent/data/patcher.py``; space patching from Slagle 2024,
 "SpaceByte" (arXiv 2404.14408).
 
-The pipeline is a chain of small tensor functions; shapes use ``B`` batch, ``T`` bytes, ``P`` patches, ``V`` vocab,
-``W`` context windows, ``L`` window length, ``N`` bytes of a flattened batch::
+The pipeline is a chain of small tensor functions; shapes use ``B`` batch, ``T`` bytes, ``P`` patches::
 
-    ids (B, T) --next_byte_entropies--> entropies (B, T) nats
+    ids (B, T) --next_byte_entropies (components/entropy.py)--> entropies (B, T) nats
         --global_start_mask / monotonic_start_mask / combined_start_mask--> start mask (B, T) bool
         --split_long_patches (max_patch_length)--> start mask (B, T) bool
         --patch_start_ids_from_start_mask--> start ids (B, P), padded with T
@@ -19,39 +18,28 @@ The pipeline is a chain of small tensor functions; shapes use ``B`` batch, ``T``
 Conventions (as in the reference): ``H_j`` is the entropy of the model's prediction of byte ``j`` from the bytes
 before it (byte 0 is predicted from a BOS prefix), and ``H_j`` decides whether byte ``j`` starts a patch (strict
 ``>``). The first byte of each row always starts a patch. :class:`PatcherConfig` + :class:`Patcher` wrap the chain;
-:func:`calibrate_threshold` finds the global threshold for a target mean patch size and
-:class:`AdaptiveEntropyThreshold` keeps a target boundary ratio on a stream. Plain ``torch``, no Lightning.
+:mod:`neat_lightning.components.patch_threshold` calibrates the global threshold to a target mean patch size and
+controls it on a stream. Plain ``torch``, no Lightning.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from torch import nn
 
-from neat_lightning.codec import BOS_ID, OFFSET, PAD_ID
+from neat_lightning.codec import BOS_ID, OFFSET
+from neat_lightning.components.entropy import EntropyModel, check_2d, context_size, next_byte_entropies
 
 Mode = Literal["entropy", "static", "space"]
 Rule = Literal["global", "monotonic", "both"]
 Combine = Literal["or", "and"]
-EntropyModel = Callable[[torch.Tensor], torch.Tensor]  # (B, T) int64 ids -> (B, T, V) logits
-
-NEWLINE_ID = ord("\n") + OFFSET
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _check_2d(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a (B, T) tensor, got shape {shape}")
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -63,182 +51,6 @@ def force_first_start(mask: torch.Tensor) -> torch.Tensor:
     """mask: (B, T) bool -> (B, T) bool with the first byte of every row a patch start."""
     first = torch.ones_like(mask[:, :1])
     return torch.cat([first, mask[:, 1:]], dim=1)
-
-
-def context_size(model: Any) -> int | None:
-    """The context length a model was trained on (``model.config.block_size``), or None when unknown."""
-    config = getattr(model, "config", None)
-    return getattr(config, "block_size", None)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# entropies
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-byte distributions, in nats (natural log), computed in float32.
-
-    Args:
-        logits: (B, T, V) unnormalised scores.
-
-    Returns:
-        (B, T) float32 entropies ``-sum_v p_v log p_v``, in [0, log V].
-    """
-    # H = log Z - sum_v p_v z_v with z = logits - max and Z = sum_v exp(z_v): one exp pass instead of the two of
-    # log_softmax + exp. The clamp keeps -inf logits finite (exp gives 0 and 0 * z stays 0, not nan).
-    z = logits.float() - logits.amax(dim=-1, keepdim=True).float()  # (B, T, V), <= 0
-    z = z.clamp_(min=-1e4)
-    e = z.exp()
-    total = e.sum(dim=-1)  # (B, T), >= 1
-    return total.log() - (e * z).sum(dim=-1) / total
-
-
-def segment_start_mask(ids: torch.Tensor, reset_at_newline: bool = False) -> torch.Tensor:
-    """Where the entropy model's context restarts.
-
-    Args:
-        ids: (B, T) int64 byte ids.
-        reset_at_newline: also restart after every newline byte, as if each line were a new document.
-
-    Returns:
-        (B, T) bool, True at the first byte of every row and (optionally) at every byte following a newline.
-    """
-    after_newline = torch.zeros_like(ids, dtype=torch.bool)
-    if reset_at_newline:
-        after_newline[:, 1:] = ids[:, :-1] == NEWLINE_ID
-    return force_first_start(after_newline)
-
-
-def context_windows(
-    inputs: torch.Tensor, segment_starts: torch.Tensor, block_size: int, context_overlap: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut every segment of a flattened id stream into model-sized windows, all at once (no loop over bytes).
-
-    Window ``k`` of a segment covers segment positions ``[k * stride, k * stride + L)`` with ``stride = block_size
-    - context_overlap``; window 0 predicts all its positions, later windows only their last ``stride`` (the first
-    ``context_overlap`` positions are context already predicted by the window before). Every position of the stream
-    is therefore predicted exactly once, from at least ``context_overlap`` bytes of its own segment when available.
-
-    Args:
-        inputs: (N,) int64 model inputs (the byte before each position, or BOS at a segment start).
-        segment_starts: (N,) bool, True where a segment (row or line) begins; ``segment_starts[0]`` must be True.
-        block_size: window length ``L`` (the model's context).
-        context_overlap: positions of context each window after the first repeats from the one before.
-
-    Returns:
-        windows: (W, L) int64 model inputs, PAD after a segment's end.
-        keep: (W, L) bool, the positions whose prediction is used.
-        index: (W, L) int64 stream position of each window position (clamped into range where not kept).
-    """
-    n = inputs.shape[0]
-    device = inputs.device
-    starts = segment_starts.nonzero().squeeze(1)  # (S,)
-    lengths = torch.diff(starts, append=torch.tensor([n], device=device))  # (S,)
-    stride = block_size - context_overlap
-    window_len = min(block_size, int(lengths.max()))  # short segments need no full-length window
-    n_windows = 1 + (lengths - window_len).clamp(min=0).add(stride - 1).div(stride, rounding_mode="floor")  # (S,)
-    segment = torch.repeat_interleave(torch.arange(len(starts), device=device), n_windows)  # (W,)
-    first = torch.cumsum(n_windows, 0) - n_windows  # (S,) index of each segment's first window
-    k = torch.arange(len(segment), device=device) - first[segment]  # (W,) window number inside its segment
-    local = k[:, None] * stride + torch.arange(window_len, device=device)[None]  # (W, L) segment positions
-    valid = local < lengths[segment][:, None]
-    keep = valid & ((k[:, None] == 0) | (torch.arange(window_len, device=device)[None] >= context_overlap))
-    index = (starts[segment][:, None] + local).clamp(max=n - 1)  # (W, L)
-    windows = inputs[index].masked_fill(~valid, PAD_ID)
-    return windows, keep, index
-
-
-@torch.inference_mode()
-def _next_byte_entropies(
-    model: EntropyModel,
-    ids: torch.Tensor,
-    block_size: int,
-    context_overlap: int,
-    reset_at_newline: bool,
-    batch_windows: int,
-    bos_id: int,
-) -> torch.Tensor:
-    b, t = ids.shape
-    device = _model_device(model, ids.device)
-    ids = ids.to(device)
-    seg = segment_start_mask(ids, reset_at_newline)  # (B, T)
-    previous = torch.cat([torch.full_like(ids[:, :1], bos_id), ids[:, :-1]], dim=1)  # (B, T) byte before each
-    inputs = previous.masked_fill(seg, bos_id)  # a segment's first byte is predicted from BOS alone
-    windows, keep, index = context_windows(inputs.reshape(-1), seg.reshape(-1), block_size, context_overlap)
-    used = keep.sum(dim=1)  # (W,) positions each window contributes
-    # longest windows first, so each forward batch can be trimmed to its longest valid prefix (causal model:
-    # trailing PAD changes nothing before it)
-    ones_based = torch.arange(1, windows.shape[1] + 1, device=device)[None]  # (1, L)
-    valid_len = torch.where(keep, ones_based, 0).amax(dim=1)  # (W,) last kept position + 1
-    order = torch.argsort(valid_len, descending=True)
-    out = torch.empty(b * t, dtype=torch.float32, device=device)
-    for chunk in order.split(batch_windows):  # loop over batches of windows, never over bytes
-        width = int(valid_len[chunk[0]])
-        ent = entropy(model(windows[chunk, :width]))  # (w, width)
-        sel = keep[chunk, :width]
-        out[index[chunk, :width][sel]] = ent[sel]
-    assert int(used.sum()) == b * t, f"windows predict {int(used.sum())} positions, expected {b * t}"
-    return rearrange(out, "(b t) -> b t", b=b)
-
-
-def _model_device(model: Any, fallback: torch.device) -> torch.device:
-    if isinstance(model, nn.Module):
-        param = next(model.parameters(), None)
-        if param is not None:
-            return param.device
-    return fallback
-
-
-def next_byte_entropies(
-    model: EntropyModel,
-    ids: torch.Tensor,
-    block_size: int | None = None,
-    context_overlap: int = 0,
-    reset_at_newline: bool = False,
-    batch_windows: int = 16,
-    bos_id: int = BOS_ID,
-) -> torch.Tensor:
-    """Entropy ``H_j`` of the model's prediction of every byte ``j`` from the bytes before it.
-
-    Byte 0 (and, with ``reset_at_newline``, every byte after a newline) is predicted from a BOS prefix alone. Long
-    rows are cut into windows of the model's context (:func:`context_windows`) that run as batches of
-    ``batch_windows``; the model runs in eval mode under ``torch.inference_mode()`` on its own device.
-
-    Args:
-        model: ``(B, T) ids -> (B, T, V) logits`` (a ``ByteLM`` or its ``.model``, a ``ByteTransformer``).
-        ids: (B, T) int64 byte ids (byte + 4).
-        block_size: window length; None reads ``model.config.block_size``.
-        context_overlap: bytes of context each window repeats from the previous one (0 = disjoint windows, the
-            fastest; larger values give later windows' first bytes more context).
-        reset_at_newline: restart the context after each newline (off by default; the reference resets only at
-            document boundaries).
-        batch_windows: windows per forward pass.
-        bos_id: the id fed before a segment's first byte.
-
-    Returns:
-        (B, T) float32 entropies in nats, on ``ids``' device (ordinary tensors, usable with autograd later).
-    """
-    _check_2d("ids", ids)
-    block_size = block_size if block_size is not None else context_size(model)
-    if block_size is None:
-        raise ValueError("block_size=None and the model has no config.block_size; pass block_size explicitly")
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be >= 1")
-    if not 0 <= context_overlap < block_size:
-        raise ValueError(f"context_overlap={context_overlap} must be in [0, block_size={block_size})")
-    if batch_windows < 1:
-        raise ValueError(f"batch_windows={batch_windows} must be >= 1")
-    if ids.numel() == 0:
-        return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if was_training:
-        model.eval()  # no dropout while measuring
-    try:
-        out = _next_byte_entropies(model, ids, block_size, context_overlap, reset_at_newline, batch_windows, bos_id)
-    finally:
-        if was_training:
-            model.train()
-    return out.to(ids.device).clone()  # clone outside inference mode: a normal tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -421,7 +233,7 @@ def patch_lengths_from_start_mask(start_mask: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, P) int64 lengths, each row summing to T.
     """
-    _check_2d("start_mask", start_mask)
+    check_2d("start_mask", start_mask)
     if start_mask.shape[1] and not bool(start_mask[:, 0].all()):
         raise ValueError("start_mask[:, 0] must be True: the first byte of every row starts a patch")
     lengths = patch_lengths_from_start_ids(patch_start_ids_from_start_mask(start_mask), start_mask.shape[1])
@@ -512,7 +324,10 @@ class PatcherConfig:
     # patching
     mode: Mode = "entropy"
     rule: Rule = "global"
-    threshold: float = 1.335442066192627  # BLT's default for its 100M entropy model (PatcherArgs.threshold)
+    # BLT's default for its 100M entropy model (PatcherArgs.threshold). The one default threshold of the package:
+    # BLTConfig holds a PatcherConfig, and with its adaptive controller this is only the starting θ, which the
+    # controller moves to the target boundary ratio within a few batches (configs write their θ explicitly).
+    threshold: float = 1.335442066192627
     monotonic_threshold: float = 1.0
     combine: Combine = "or"
     max_patch_length: int | None = None
@@ -599,7 +414,7 @@ class Patcher:
         Returns:
             (B, T) bool, True where a patch starts.
         """
-        _check_2d("ids", ids)
+        check_2d("ids", ids)
         c = self.config
         if c.mode == "static":
             mask = static_start_mask(ids, c.patch_size)
@@ -628,200 +443,3 @@ class Patcher:
         return patch_lengths_from_start_mask(self.start_mask(ids, entropies, threshold))
 
     __call__ = patch_lengths
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# threshold calibration and control
-
-
-def _count_patches(entropies: torch.Tensor, threshold: float, max_patch_length: int | None) -> int:
-    mask = global_start_mask(entropies, threshold)
-    if max_patch_length is not None:
-        mask = split_long_patches(mask, max_patch_length)
-    return int(mask.sum())
-
-
-def calibrate_threshold(
-    entropies: torch.Tensor, target_mean_patch_size: float, max_patch_length: int | None = None
-) -> float:
-    """The global threshold whose patches on ``entropies`` have mean size ``target_mean_patch_size``.
-
-    The number of patches is ``B`` forced first bytes + the bytes above the threshold (+ splits of long patches),
-    so the target count fixes how many entropies must lie above it: the threshold is taken between two neighbouring
-    order statistics (a quantile), then, when ``max_patch_length`` adds patches, the number of entropies above it
-    is bisected until the count is the closest achievable. Exact up to ties and rounding to whole patches.
-
-    Args:
-        entropies: (B, T) or (T,) float entropies, nats (each row's first byte is a forced start).
-        target_mean_patch_size: bytes per patch, >= 1.
-        max_patch_length: the limit the patcher will apply (adds patches), or None.
-
-    Returns:
-        threshold in nats (use with the strict rule ``H > threshold``).
-
-    Raises:
-        ValueError: a target below 1 or beyond what the forced starts and ``max_patch_length`` allow.
-    """
-    if entropies.dim() == 1:
-        entropies = entropies[None]
-    _check_2d("entropies", entropies)
-    if not target_mean_patch_size >= 1.0:
-        raise ValueError(f"target_mean_patch_size={target_mean_patch_size} must be >= 1 byte")
-    entropies = entropies.detach().float()
-    b, t = entropies.shape
-    n = b * t
-    if n == 0:
-        raise ValueError("entropies is empty: nothing to calibrate on")
-    candidates = torch.sort(entropies[:, 1:].reshape(-1), descending=True).values  # (K,)
-    big = float(candidates[0]) + 1.0 if len(candidates) else 1.0
-
-    def theta(k: int) -> float:  # a threshold with exactly the top-k candidates above it (up to ties)
-        if len(candidates) == 0:
-            return big
-        if k <= 0:
-            return float(candidates[0])
-        if k >= len(candidates):
-            return float(candidates[-1]) - 1.0
-        return 0.5 * (float(candidates[k - 1]) + float(candidates[k]))
-
-    target_count = n / target_mean_patch_size
-    fewest = _count_patches(entropies, theta(0), max_patch_length)
-    if n / fewest < target_mean_patch_size * (1 - 1e-9):
-        raise ValueError(
-            f"target_mean_patch_size={target_mean_patch_size} is unreachable: the largest mean patch size is "
-            f"{n / fewest:.4g} bytes ({b} rows of {t} bytes, max_patch_length={max_patch_length})"
-        )
-    # quantile: without splits, count(k) = B + k
-    k_hi = min(max(round(target_count - b), 0), len(candidates))
-    if max_patch_length is None:
-        return theta(k_hi)
-    # bisection: count(k) is non-decreasing in k (a split piece never needs fewer chunks); find the k closest
-    lo, hi = 0, k_hi  # count(k_hi) >= B + k_hi ~ target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _count_patches(entropies, theta(mid), max_patch_length) >= target_count:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min(
-        (k for k in (lo - 1, lo) if 0 <= k <= len(candidates)),
-        key=lambda k: abs(_count_patches(entropies, theta(k), max_patch_length) - target_count),
-    )
-    return theta(best)
-
-
-class AdaptiveEntropyThreshold:
-    """Keeps the boundary ratio (patch starts per byte) of the global rule near a target on a stream of batches.
-
-    Each :meth:`step` patches a batch with the current threshold, observes its boundary ratio ``r``, smooths it
-    with an EMA, and moves the threshold multiplicatively (a step on ``log θ``) in proportion to the relative error
-    of the smoothed ratio::
-
-        r̄ ← decay · r̄ + (1 − decay) · r          (r̄ = r on the first step)
-        log θ ← log θ + gain · clamp(log(r̄ / target), ±max_error)
-
-    Too many boundaries raise θ, too few lower it; in the long run (an integral controller) θ settles on the
-    ``1 − target`` quantile of the stream's entropies. :meth:`observe` takes a ratio measured elsewhere (e.g. a
-    logged ``patch/mean_size``). The state is plain values (:meth:`state_dict`).
-
-    The loop gain is ``gain · θ · density(θ) / target``: with the defaults it is below 1 for a trained byte LM's
-    entropies (spread over several nats), so θ neither lags nor rings. Entropies squeezed into a sliver (an
-    untrained model: all near log 260) make it ring; use :func:`calibrate_threshold` there.
-
-    The per-batch ratio still varies with the text of each batch (code vs prose) as it would at any fixed θ; what
-    the controller holds is the ratio over a few batches and the stream's mean.
-
-    Args:
-        target_boundary_ratio: wanted patches per byte (0.1 = mean patch size 10).
-        initial_threshold: θ before the first batch, nats (> 0).
-        gain: step size on ``log θ`` per unit of ``log(r̄ / target)``.
-        ema_decay: smoothing of the observed ratio, in [0, 1) (0 = none).
-        max_error: clamp on ``|log(r̄ / target)|`` per step (an empty or all-boundary batch).
-        min_threshold: lower clamp on θ (> 0).
-        max_threshold: upper clamp on θ.
-        max_patch_length: applied to the masks (its extra starts count in the ratio), or None.
-    """
-
-    def __init__(
-        self,
-        target_boundary_ratio: float = 0.1,
-        initial_threshold: float = 2.0,
-        gain: float = 0.2,
-        ema_decay: float = 0.3,
-        max_error: float = 2.0,
-        min_threshold: float = 1e-3,
-        max_threshold: float = 50.0,
-        max_patch_length: int | None = None,
-    ) -> None:
-        if not 0.0 < target_boundary_ratio <= 1.0:
-            raise ValueError(f"target_boundary_ratio={target_boundary_ratio} must be in (0, 1]")
-        if not 0.0 < min_threshold <= initial_threshold <= max_threshold:
-            raise ValueError(
-                f"need 0 < min_threshold={min_threshold} <= initial_threshold={initial_threshold} "
-                f"<= max_threshold={max_threshold}"
-            )
-        if not gain > 0.0:
-            raise ValueError(f"gain={gain} must be > 0")
-        if not max_error > 0.0:
-            raise ValueError(f"max_error={max_error} must be > 0")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
-        if max_patch_length is not None and max_patch_length < 1:
-            raise ValueError(f"max_patch_length={max_patch_length} must be >= 1 or None")
-        self.target_boundary_ratio = target_boundary_ratio
-        self.gain, self.ema_decay = gain, ema_decay
-        self.min_threshold, self.max_threshold = min_threshold, max_threshold
-        self.max_patch_length = max_patch_length
-        self.max_error = max_error
-        self.threshold = float(initial_threshold)
-        self.ema_ratio: float | None = None
-        self.last_ratio: float | None = None
-        self.steps = 0
-
-    def observe(self, ratio: float) -> float:
-        """Update θ from one batch's observed boundary ratio; returns the new θ."""
-        self.last_ratio = float(ratio)
-        d = self.ema_decay
-        self.ema_ratio = self.last_ratio if self.ema_ratio is None else d * self.ema_ratio + (1 - d) * self.last_ratio
-        # log of the relative error: symmetric in over/undershoot, clamped so an empty or all-boundary batch moves
-        # log θ by at most gain * max_error
-        error = math.log(max(self.ema_ratio, 1e-6) / self.target_boundary_ratio)
-        error = min(max(error, -self.max_error), self.max_error)
-        log_theta = math.log(self.threshold) + self.gain * error
-        self.threshold = min(max(math.exp(log_theta), self.min_threshold), self.max_threshold)
-        self.steps += 1
-        return self.threshold
-
-    def start_mask(self, entropies: torch.Tensor) -> torch.Tensor:
-        """entropies: (B, T) nats -> (B, T) bool start mask at the current θ (no update)."""
-        mask = global_start_mask(entropies, self.threshold)
-        if self.max_patch_length is not None:
-            mask = split_long_patches(mask, self.max_patch_length)
-        return mask
-
-    def step(self, entropies: torch.Tensor) -> torch.Tensor:
-        """Patch one batch with the current θ, then update θ from its boundary ratio.
-
-        Args:
-            entropies: (B, T) float, nats.
-
-        Returns:
-            (B, T) bool start mask the batch was patched with.
-        """
-        _check_2d("entropies", entropies)
-        mask = self.start_mask(entropies)
-        self.observe(float(mask.float().mean()))
-        return mask
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold, "ema_ratio": self.ema_ratio, "last_ratio": self.last_ratio,
-            "steps": self.steps, "target_boundary_ratio": self.target_boundary_ratio,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.threshold = float(state["threshold"])
-        self.ema_ratio = state.get("ema_ratio")
-        self.last_ratio = state.get("last_ratio")
-        self.steps = int(state.get("steps", 0))
-        self.target_boundary_ratio = float(state.get("target_boundary_ratio", self.target_boundary_ratio))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,8 @@ def gather_neighbours(field: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # profiles
 
+ProfileName = Literal["discovery", "learning", "consolidation", "freeze"]
+
 PROFILES: dict[str, PlasticityProfile] = {
     # explore: timing-driven growth dominates, low threshold so most cells can spike
     "discovery": PlasticityProfile("discovery", stdp=1.0, bcm=0.5, competitive=0.2, activity_threshold=0.01),
@@ -82,7 +85,8 @@ def profile_by_name(name: str) -> PlasticityProfile:
 
 @dataclass(frozen=True)
 class PlasticityConfig:
-    """Base learning rates of the rules (each multiplied by the active profile's factor) and weight bounds."""
+    """Base learning rates of the rules (each multiplied by the active profile's factor), weight bounds, and whether
+    and under which profile a lattice starts applying them."""
 
     a_plus: float = 0.01  # STDP potentiation amplitude A₊
     a_minus: float = 0.012  # STDP depression amplitude A₋ (slightly > A₊: net depression for uncorrelated spikes)
@@ -93,8 +97,11 @@ class PlasticityConfig:
     top_k: int = 6  # winners per cell among its 26 incoming connections
     w_min: float = 0.0
     w_max: float = 2.0
+    enabled: bool = True  # apply plasticity after each optimiser step
+    profile: ProfileName = "discovery"  # the profile in force until a PlasticityStages table switches it
 
     def __post_init__(self) -> None:
+        profile_by_name(self.profile)  # an unknown name raises, listing the known ones
         if not 0.0 <= self.trace_decay < 1.0:
             raise ValueError(f"trace_decay={self.trace_decay} must be in [0, 1)")
         if self.bcm_tau < 1.0:

@@ -46,14 +46,15 @@ from neat_lightning.components.transformer import Block, TransformerConfig, appl
 
 @dataclass(frozen=True)
 class TitansConfig:
-    """Settings of the neural long-term memory (seed values: window 512, memory 2048, persistent 128, threshold 0.5)."""
+    """Settings of the neural long-term memory (defaults: memory 2048 slots, 128 persistent tokens, surprise threshold
+    0.5, the sizes of ``configs/neat.yaml``)."""
 
     dim_memory: int | None = None  # key/value width of the neural memory; None -> the model width
     memory_depth: int = 2  # layers of the memory MLP; 1 = a linear associative memory (fast-weight / delta-rule-like)
     memory_expansion: float = 2.0  # hidden width of the memory MLP as a multiple of dim_memory
     chunk_size: int = 16  # tokens per memory update; gradients of one chunk share the same start weights
-    persistent_tokens: int = 128  # learned, input-independent tokens every query can attend to (seed: 128)
-    memory_size: int = 2048  # episodic slots for high-surprise (key, value) items, replayed in sleep (seed: 2048)
+    persistent_tokens: int = 128  # learned, input-independent tokens every query can attend to
+    memory_size: int = 2048  # episodic slots for high-surprise (key, value) items, replayed in sleep
     surprise_threshold: float = 0.5  # relative associative error ‖M(k) − v‖² / ‖v‖² above which an item is kept
     max_lr: float = 1.0  # the data-dependent inner step θ_t lies in (0, max_lr)
     importance_decay: float = 0.99  # episodic importance fades by this factor each time new items are stored
@@ -169,6 +170,30 @@ _chunk_grads = vmap(vmap(grad(associative_loss, has_aux=True), in_dims=(None, 0,
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the memory
+
+
+@torch.no_grad()
+def prune_slots(importance: torch.Tensor, fraction: float, *slots: torch.Tensor) -> int:
+    """Empty the lowest-importance ``fraction`` of the filled slots (importance > 0), in place.
+
+    Args:
+        importance: (M,) slot importances; 0 marks an empty slot.
+        fraction: share of the filled slots to empty, in [0, 1] (rounded down).
+        slots: tensors with leading dim M (keys, values) zeroed on the pruned slots.
+
+    Returns:
+        the number of slots emptied.
+    """
+    filled = importance > 0
+    k = int(int(filled.sum()) * fraction)
+    if k == 0:
+        return 0
+    ranked = importance.masked_fill(~filled, float("inf"))
+    index = torch.topk(ranked, k, largest=False).indices  # (k,) the least important filled slots
+    importance[index] = 0
+    for s in slots:
+        s[index] = 0
+    return k
 
 
 class NeuralMemory(nn.Module):
@@ -353,7 +378,8 @@ class NeuralMemory(nn.Module):
     def consolidation_loss(self, max_items: int | None = None) -> torch.Tensor | None:
         """Importance-weighted associative loss of the episodic items under the *slow* weights (differentiable).
 
-        ``None`` when the buffer is empty. Minimising it writes the replayed memories into the initial weights.
+        Replays the ``max_items`` most important items (all when None); ``None`` when the buffer is empty.
+        Minimising it writes the replayed memories into the initial weights.
         """
         filled = self.episodic_importance > 0
         if not bool(filled.any()):
@@ -362,8 +388,25 @@ class NeuralMemory(nn.Module):
         if max_items is not None and len(imp) > max_items:
             top = torch.topk(imp, max_items).indices
             keys, values, imp = keys[top], values[top], imp[top]
+        return self.replay_loss(keys, values, imp)
+
+    def replay_loss(self, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        """Importance-weighted associative loss ``Σ_m imp_m ‖M_slow(k_m) − v_m‖² / Σ_m imp_m`` of given items.
+
+        Args:
+            keys, values: (M, d) memory-space items (e.g. a replay draw from :meth:`snapshot`).
+            importance: (M,) > 0 weights.
+
+        Returns:
+            () differentiable in the slow weights.
+        """
         err = (memory_mlp(tuple(self.weights), keys) - values).pow(2).mean(dim=-1)  # (M,)
-        return (err * imp).sum() / imp.sum()
+        return (err * importance).sum() / importance.sum()
+
+    @torch.no_grad()
+    def prune(self, fraction: float) -> int:
+        """Empty the lowest-importance ``fraction`` of the filled episodic slots; returns how many were emptied."""
+        return prune_slots(self.episodic_importance, fraction, self.episodic_keys, self.episodic_values)
 
     @torch.no_grad()
     def clear_episodic(self) -> None:

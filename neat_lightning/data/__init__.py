@@ -1,4 +1,4 @@
-"""The shared DataModules and their (Lightning-free) generators."""
+"""The shared DataModules; their Lightning-free generators are in :mod:`neat_lightning.data.generators`."""
 
 from neat_lightning._lazy import lazy_getattr
 

@@ -14,11 +14,9 @@ resumed mid-epoch sees exactly the batches the uninterrupted run would have seen
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, batch_generator
+from neat_lightning.data.loading import (
+    PlacedLoader,
+    ShardedSequentialBatches,
+    StepAlignedBatches,
+    batch_generator,
+    resolve_paths,
+)
 from neat_lightning.codec import EOS_ID, PAD_ID, ids_from_bytes
 
 log = logging.getLogger(__name__)
@@ -49,28 +53,6 @@ def builtin_documents() -> list[Document]:
     from pydoc_data.topics import topics
 
     return [Document(f"pydoc:{name}", text.encode("utf-8")) for name, text in sorted(topics.items())]
-
-
-def resolve_paths(patterns: Sequence[str], field: str) -> list[Path]:
-    """Expand files and globs; a missing path or an empty glob raises naming the pattern and the field."""
-    if isinstance(patterns, (str, os.PathLike)):
-        patterns = [patterns]
-    paths: list[Path] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        if glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise FileNotFoundError(f"{field}: the glob {pattern!r} matches no file")
-            paths.extend(matches)
-        else:
-            p = Path(pattern)
-            if not p.exists():
-                raise FileNotFoundError(f"{field}: no such file: {pattern!r}")
-            if p.is_dir():
-                raise IsADirectoryError(f"{field}: {pattern!r} is a directory; give files or a glob like '{p}/*.txt'")
-            paths.append(p)
-    return paths
 
 
 def file_documents(patterns: Sequence[str], field: str) -> list[Document]:

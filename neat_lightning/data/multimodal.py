@@ -6,38 +6,51 @@ and the image of the next state (MVoT: "text action -> next-state image")::
 
     BOS "maze\\n" BOI s_0 EOI "\\nright\\n" BOI s_1 EOI "\\nup\\n" BOI s_2 EOI ... [EOS at the episode's end] PAD ...
 
-Images are the frozen VQ-VAE's codes in the visual id range of :class:`~neat_lightning.codec.VisualVocab`
-(BOI = 260, EOI = 261, code c = 262 + c). Every row holds whole images only: as many steps as fit in
-``block_size + 1`` ids (at most ``max_steps_per_row``), the rest padded with PAD.
+Images are the codes of the :class:`~neat_lightning.protocols.ImageTokenizer` the DataModule is given (a frozen
+VQ-VAE: ``neat_lightning.modules.vqvae.VQVAETokenizer``) in the visual id range of
+:class:`~neat_lightning.codec.VisualVocab` (BOI = 260, EOI = 261, code c = 262 + c). Every row holds whole images
+only: as many steps as fit in ``block_size + 1`` ids (at most ``max_steps_per_row``), the rest padded with PAD.
 
-Episodes come from :mod:`neat_lightning.data.grids`; images are rendered and tokenised on the fly, all images of a
-batch in one VQ-VAE call. Training batch ``k`` is a pure function of ``(seed, k, rank)`` (episode seeds and start
-steps are derived from it) and the loader starts at the trainer's global step, so a resumed run sees exactly the
-batches of the uninterrupted one. Validation is a fixed set of episodes from ``val_seed`` (another seed space),
-tokenised once and cached.
+Episodes come from :mod:`neat_lightning.data.generators.grids`; images are rendered and tokenised on the fly, all
+images of a batch in one tokenizer call. Training batch ``k`` is a pure function of ``(seed, k, rank)`` (episode
+seeds and start steps are derived from it) and the loader starts at the trainer's global step, so a resumed run sees
+exactly the batches of the uninterrupted one. Validation is a fixed set of episodes from ``val_seed`` (another seed
+space), tokenised once and cached.
 
 Batches are dicts: ``ids`` (B, T + 1) int64 — the :class:`~neat_lightning.modules.NeatModel` batch format.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from neat_lightning.codec import VisualVocab
-from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, encode
-from neat_lightning.data.grids import FAMILIES, Family, _seed, generate_episode, render
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, VisualVocab, encode
+from neat_lightning.data.generators.grids import FAMILIES, Family, generate_episode, render, seed_from
 from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
+from neat_lightning.protocols import ImageTokenizer
+
+TOKENIZER_HINT = (
+    "give tokenizer (in YAML: class_path: neat_lightning.modules.vqvae.VQVAETokenizer, init_args: {ckpt_path: ...}) "
+    "or call set_tokenizer()"
+)
+
+
+def check_image_tokenizer(tokenizer: object, field: str = "tokenizer") -> None:
+    """Raise ``TypeError`` naming the class unless ``tokenizer`` implements :class:`ImageTokenizer`."""
+    if not isinstance(tokenizer, ImageTokenizer):
+        raise TypeError(
+            f"{field}: {type(tokenizer).__name__} does not implement the ImageTokenizer protocol "
+            "(codebook_size, grid_shape(image_size), encode(images))"
+        )
+
 
 def header_text(family: str) -> str:
     return f"{family}\n"
@@ -91,21 +104,22 @@ def assemble_row(vocab: VisualVocab, family: str, actions: Sequence[str], image_
 
 
 class EpisodeTokenizer:
-    """Renders grid-world states and turns them into image ids with a frozen VQ-VAE (one call per batch)."""
+    """Renders grid-world states and turns them into image ids with an image tokenizer (one call per batch)."""
 
-    def __init__(self, vqvae: nn.Module, image_size: int, grid_size: int) -> None:
-        self.vqvae = vqvae.eval().requires_grad_(False)
+    def __init__(self, tokenizer: ImageTokenizer, image_size: int, grid_size: int) -> None:
+        check_image_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
         self.image_size, self.grid_size = image_size, grid_size
-        self.vocab = VisualVocab(int(vqvae.codebook_size), tuple(vqvae.grid_shape(image_size)))
+        self.vocab = VisualVocab(int(tokenizer.codebook_size), tuple(tokenizer.grid_shape(image_size)))
 
     @torch.no_grad()
     def image_ids(self, states: torch.Tensor) -> torch.Tensor:
         """(N, n, n) cell classes -> (N, h w + 2) ids."""
-        return self.vocab.image_ids(self.vqvae.encode(render(states, self.image_size)).cpu())
+        return self.vocab.image_ids(self.tokenizer.encode(render(states, self.image_size)).cpu())
 
     def rows(self, episodes: Sequence[Any], starts: Sequence[int], length: int,
              max_steps: int | None) -> torch.Tensor:
-        """Rows (B, length) of episodes from the given start steps; all images tokenised in one VQ-VAE call."""
+        """Rows (B, length) of episodes from the given start steps; all images tokenised in one call."""
         windows = [fit_window(self.vocab, ep.family, ep.actions, s, length, max_steps)
                    for ep, s in zip(episodes, starts)]
         for ep, w in zip(episodes, windows):
@@ -124,7 +138,7 @@ class EpisodeTokenizer:
 
 def episode_for(families: Sequence[str], grid_size: int, *keys: Any):
     """The episode (and a start step) for a key tuple: family ``families[hash % len]`` and a uniform start step."""
-    s = _seed(*keys)
+    s = seed_from(*keys)
     family = families[s % len(families)]
     ep = generate_episode(family, s, grid_size)
     start = random.Random(s).randrange(len(ep.actions))  # at least one transition after it
@@ -152,32 +166,14 @@ class FixedRows(ShardedSequentialBatches):
         return {"ids": batch}
 
 
-def save_vqvae_checkpoint(vqvae: L.LightningModule, path: str | Path) -> Path:
-    """Write ``vqvae`` (weights + hyperparameters) as a checkpoint that ``VQVAE.load_from_checkpoint`` and
-    ``NeatModel(vqvae_ckpt=...)`` read, without a Trainer (e.g. an untrained tiny VQ-VAE for tests and CI).
-    Written atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams),
-                "pytorch-lightning_version": L.__version__}, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_vqvae(path: str, field: str = "tokenizer_ckpt") -> nn.Module:
-    from neat_lightning.modules.base import load_frozen
-    from neat_lightning.modules.vqvae import VQVAE
-
-    return load_frozen(VQVAE, path, f"{field}={path!r}")
-
-
 class MultimodalDataModule(L.LightningDataModule):
     """Interleaved "text action -> next-state image" rows of grid-world episodes for NeatModel's MVoT path.
 
-    The VQ-VAE that tokenises the images is ``tokenizer_ckpt``, or — when that is ``None`` — the frozen VQ-VAE of the
-    model being trained (``trainer.lightning_module.mvot``), so a config names the checkpoint once, in the model.
-    :meth:`set_vqvae` sets one directly (scripts, notebooks).
+    Images are tokenised by ``tokenizer``, an :class:`~neat_lightning.protocols.ImageTokenizer` (a frozen VQ-VAE:
+    ``neat_lightning.modules.vqvae.VQVAETokenizer(ckpt_path)``, or ``VQVAETokenizer.from_vqvae(vqvae)`` in scripts).
+    It must give the image tokens the model reads (the same codebook size and code grid as the model's
+    ``vqvae_ckpt`` at its ``image_size``); :attr:`vocab` is what the model checks. :meth:`set_tokenizer` sets or
+    replaces it after construction.
 
     Args:
         families: episode families to draw from (``maze``, ``frozenlake``, ``minibehavior``).
@@ -190,8 +186,8 @@ class MultimodalDataModule(L.LightningDataModule):
         val_rows: rows of the held-out validation set.
         seed: seed of the training stream.
         val_seed: seed of the validation episodes (another seed space: held-out episodes).
-        tokenizer_ckpt: a VQ-VAE checkpoint to tokenise with; ``None`` to take the model's (a different name from
-            the model's ``vqvae_ckpt``: Lightning refuses equal hyperparameter names with different values).
+        tokenizer: the image tokenizer; ``None`` until :meth:`set_tokenizer` (``setup`` raises without one). Not a
+            saved hyperparameter (it holds a model).
         num_workers: DataLoader worker processes.
     """
 
@@ -207,7 +203,7 @@ class MultimodalDataModule(L.LightningDataModule):
         val_rows: int = 64,
         seed: int = 1234,
         val_seed: int = 999_983,
-        tokenizer_ckpt: str | None = None,
+        tokenizer: ImageTokenizer | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -228,48 +224,43 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"max_steps_per_row={max_steps_per_row} must be >= 1 or None")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
-        if tokenizer_ckpt is not None and not Path(tokenizer_ckpt).is_file():
-            raise FileNotFoundError(f"tokenizer_ckpt: no such file: {tokenizer_ckpt!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.families, self.grid_size, self.image_size = list(families), grid_size, image_size
         self.block_size, self.max_steps = block_size, max_steps_per_row
         self.batch_size, self.batches_per_epoch, self.val_rows = batch_size, batches_per_epoch, val_rows
-        self.seed, self.val_seed, self.tokenizer_ckpt, self.num_workers = seed, val_seed, tokenizer_ckpt, num_workers
-        self.tokenizer: EpisodeTokenizer | None = None
+        self.seed, self.val_seed, self.num_workers = seed, val_seed, num_workers
+        self.tokenizer: ImageTokenizer | None = None
+        self.episode_tokenizer: EpisodeTokenizer | None = None
         self.val_set: torch.Tensor | None = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
 
-    def set_vqvae(self, vqvae: nn.Module) -> None:
-        """Tokenise with this VQ-VAE (a frozen CPU copy is kept); drops a cached validation set."""
-        self.tokenizer = EpisodeTokenizer(copy.deepcopy(vqvae).cpu(), self.image_size, self.grid_size)
+    def set_tokenizer(self, tokenizer: ImageTokenizer) -> None:
+        """Tokenise images with ``tokenizer`` from now on; drops a cached validation set."""
+        self.episode_tokenizer = EpisodeTokenizer(tokenizer, self.image_size, self.grid_size)
+        self.tokenizer = tokenizer
         self.val_set = None
 
-    def _model_vqvae(self) -> nn.Module:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        mvot = getattr(model, "mvot", None)
-        if mvot is None:
-            raise ValueError(
-                "MultimodalDataModule needs a VQ-VAE: set tokenizer_ckpt, call set_vqvae(), or train a model with "
-                f"an MVoT path (NeatModel mvot=True); the model is {type(model).__name__}"
-            )
-        return mvot.vqvae
+    def _episodes(self) -> EpisodeTokenizer:
+        if self.episode_tokenizer is None:
+            raise ValueError(f"MultimodalDataModule needs a VQ-VAE tokenizer (an ImageTokenizer): {TOKENIZER_HINT}")
+        return self.episode_tokenizer
+
+    @property
+    def vocab(self) -> VisualVocab:
+        """The image-token layout of the rows (codebook size, code grid); the model checks it against its own."""
+        return self._episodes().vocab
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            vqvae = self._model_vqvae() if self.tokenizer_ckpt is None else load_vqvae(self.tokenizer_ckpt)
-            self.set_vqvae(vqvae)
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        mvot = getattr(model, "mvot", None)
-        if mvot is not None and mvot.vocab != self.tokenizer.vocab:
-            raise ValueError(f"the data's image tokens {self.tokenizer.vocab} do not match the model's {mvot.vocab} "
-                             "(vqvae_ckpt / tokenizer_ckpt, image_size)")
+        self._episodes()
         if self.val_set is None:
             self.val_set = self.rows("mm-val", self.val_seed, self.val_rows)
 
     def rows(self, split: str, seed: int, n: int) -> torch.Tensor:
         """``n`` rows of the fixed set of (split, seed): (n, block_size + 1) int64."""
-        assert self.tokenizer is not None, "call setup() or set_vqvae() first"
         picks = [episode_for(self.families, self.grid_size, split, seed, i) for i in range(n)]
-        return self.tokenizer.rows([p[0] for p in picks], [p[1] for p in picks], self.block_size + 1, self.max_steps)
+        return self._episodes().rows([p[0] for p in picks], [p[1] for p in picks], self.block_size + 1,
+                                     self.max_steps)
 
     # -- loaders ---------------------------------------------------------------------------------------------------
 
@@ -286,9 +277,7 @@ class MultimodalDataModule(L.LightningDataModule):
                             persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        if self.tokenizer is None:
-            self.setup("fit")
-        ds = EpisodeBatches(self.tokenizer, self.families, self.grid_size, self.block_size, self.batch_size,
+        ds = EpisodeBatches(self._episodes(), self.families, self.grid_size, self.block_size, self.batch_size,
                             self.batches_per_epoch, self.seed, self.max_steps)
         return self._loader(ds, True)
 

@@ -29,8 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.bytes import resolve_paths
-from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, batch_generator
+from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, batch_generator, resolve_paths
 from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, encode
 
 log = logging.getLogger(__name__)

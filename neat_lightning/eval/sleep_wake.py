@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, IterableDataset
 
 from neat_lightning.callbacks.sleep_wake import SleepWakeConsolidation
-from neat_lightning.data.math import KEYS, Problem, pack_problems, rng_for
+from neat_lightning.data.generators.math import KEYS, Problem, pack_problems, rng_for
 
 ARMS = ("no_sleep", "sleep")
 
@@ -145,10 +145,9 @@ def recall(model, rows: dict[str, torch.Tensor]) -> float:
     """Fraction of probe rows whose whole completion is the argmax prediction (teacher-forced exact match)."""
     was_training = model.training
     model.eval()
-    terms = model.loss_terms({k: v.to(model.device) for k, v in rows.items()})
+    out = model.loss_terms({k: v.to(model.device) for k, v in rows.items()})
     targets = rows["ids"][:, 1:].to(model.device)
-    seg = terms["seg"]
-    ok = (terms["logits"].argmax(-1) == targets) | (seg == 0)  # (N, T)
+    ok = (out.logits.argmax(-1) == targets) | (out.seg == 0)  # (N, T)
     model.train(was_training)
     return float(ok.all(dim=1).float().mean())
 

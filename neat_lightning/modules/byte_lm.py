@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torchmetrics import Metric
 
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
 from neat_lightning.components.sampling import eval_mode, sample
@@ -18,6 +19,29 @@ from neat_lightning.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.modules.base import ResumableModule
 from neat_lightning.modules.generation import TextGenerationMixin
 from neat_lightning.modules.optim import default_adamw
+
+
+class NatsPerByte(Metric):
+    """Mean next-byte loss (nats) over every predicted byte of an epoch: sums of nats and byte counts, in float64,
+    summed over batches and ranks before dividing (a mean of per-batch means would weight short batches up).
+
+    ``compute()`` -> ``(nats per byte, byte count)``; the mean is NaN when no byte was predicted.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nats", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mean_nats: torch.Tensor, count: int) -> None:
+        """mean_nats: () mean loss of a batch over its ``count`` predicted bytes."""
+        self.nats += mean_nats.to(self.nats) * count
+        self.count += count
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nats / self.count, self.count
 
 
 class ByteLM(TextGenerationMixin, ResumableModule):
@@ -65,7 +89,7 @@ class ByteLM(TextGenerationMixin, ResumableModule):
             mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=tie_weights, rope_base=rope_base,
         )
         self.model = ByteTransformer(self.config)
-        self._eval_sums = torch.zeros(2)  # (sum of nats, predicted bytes) of the running evaluation epoch
+        self.eval_nats = NatsPerByte()  # the running validation/test epoch
 
     # -- model -----------------------------------------------------------------------------------------------------
 
@@ -88,22 +112,23 @@ class ByteLM(TextGenerationMixin, ResumableModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, n = self.loss(batch)
-        self._eval_sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        self.eval_nats.update(loss.detach(), n)
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums = torch.zeros(2, dtype=torch.float64)
+        self.eval_nats.reset()
 
     on_test_epoch_start = on_validation_epoch_start
 
     def _log_eval(self, split: str) -> None:
         """Per-byte mean over the whole epoch and all ranks (exact: sums are reduced, not means)."""
-        sums = self.trainer.strategy.reduce(self._eval_sums.to(self.device), reduce_op="sum")
-        if float(sums[1]) == 0:
+        nats, count = self.eval_nats.compute()  # synchronised across ranks
+        self.eval_nats.reset()
+        if float(count) == 0:
             return
-        nats = (sums[0] / sums[1]).float()
+        nats = nats.float()
         self.log(f"{split}/loss", nats, prog_bar=True, rank_zero_only=True)
         self.log(f"{split}/bpb", nats / math.log(2), prog_bar=True, rank_zero_only=True)
 

@@ -1,15 +1,21 @@
 """LatticeNetwork: question bytes → input face of a 3D cellular lattice → output face → answer bytes.
 
 The lattice (:mod:`neat_lightning.components.lattice`) runs ``steps`` updates of one shared local rule; its plastic
-connection weights (D, H, W, 26) are a buffer changed only by the plasticity rules
-(:mod:`neat_lightning.components.plasticity`) between optimiser steps, under the active profile (the ``Plastic``
-protocol, driven by :class:`~neat_lightning.callbacks.PlasticityStages`). Gradients train the encoder, the rule and the
-decoder with answer-byte cross-entropy (+ an optional cluster coordination term).
+connection weights (D, H, W, 26) live in :class:`~neat_lightning.components.lattice_state.LatticeState` (``cells``)
+and change only by the plasticity rules between optimiser steps, under the active profile (the ``Plastic`` protocol,
+driven by :class:`~neat_lightning.callbacks.PlasticityStages`). Gradients train the encoder, the rule and the
+decoder (:mod:`neat_lightning.components.lattice_faces`) with answer-byte cross-entropy (+ an optional cluster
+coordination term).
+
+Configuration comes in typed groups: ``lattice`` (:class:`LatticeConfig`: size, channels, steps, perception),
+``text`` (:class:`FaceTextConfig`: encoder and decoder), ``plasticity`` (:class:`PlasticityConfig`), ``clustering``
+(:class:`ClusteringConfig`), ``energy_flow`` (:class:`EnergyFlowConfig`, used by ``mode="energy_flow"``) and
+``optim`` (:class:`LatticeOptimConfig`). Checkpoints store each group as a dict of plain values.
 
 Structure that survives checkpoints: the lattice size and the current profile / clustering switch are recorded as
 the structural entry ``"lattice"`` (see :class:`~neat_lightning.modules.base.ResumableModule`) and replayed by
-:meth:`LatticeNetwork.restore_structure` before the weights load — a lattice grown during training is rebuilt at its grown size;
-pruning masks, cluster ids, centroids, STDP traces and BCM thresholds are buffers in the state dict.
+:meth:`LatticeNetwork.restore_structure` before the weights load — a lattice grown during training is rebuilt at its
+grown size; pruning masks, cluster ids, centroids, STDP traces and BCM thresholds are buffers in the state dict.
 
 Logged: ``train/loss``, ``val/loss``, ``val/exact_match``, ``lattice/activity`` (fraction of cells above the
 profile's activity threshold), ``lattice/emergence`` (normalised spectral entropy of the activity field),
@@ -22,47 +28,114 @@ parameter count straight to the decoder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torchmetrics import MeanMetric
 
+from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
+from neat_lightning.components import memory_budget
+from neat_lightning.components.clustering import ClusteringConfig
 from neat_lightning.components.energy_flow import EnergyFlow, EnergyFlowConfig
-from neat_lightning.components.sampling import eval_mode, sample
-from neat_lightning.components.clustering import CosineKMeans, cluster_count, coordination_loss
-from neat_lightning.components.lattice import (
+from neat_lightning.components.lattice import LatticeConfig, LatticeRule, run_lattice
+from neat_lightning.components.lattice_faces import (
     FaceDecoder,
     FaceEncoder,
-    LatticeConfig,
-    LatticeRule,
-    Perception,
+    FaceTextConfig,
     PointwiseAdapter,
-    RuleInit,
-    Stencil,
-    run_lattice,
-    spectral_emergence,
+    resample_face,
 )
-from neat_lightning.components.plasticity import (
-    N_NEIGHBOURS,
-    PlasticityConfig,
-    PlasticityProfile,
-    PlasticityState,
-    magnitude_prune_mask,
-    plasticity_update,
-    profile_by_name,
-)
-from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
-from neat_lightning.modules.base import STRUCTURE_KEY, ResumableModule
+from neat_lightning.components.lattice_state import LatticeState
 from neat_lightning.components.optim import decay_groups
+from neat_lightning.components.plasticity import PlasticityConfig, PlasticityProfile, profile_by_name
+from neat_lightning.components.sampling import eval_mode, sample
+from neat_lightning.modules.base import STRUCTURE_KEY, ResumableModule, upgrade_checkpoint
 from neat_lightning.modules.optim import default_adamw
+from neat_lightning.protocols import GrownParameter
 
 log = logging.getLogger(__name__)
 
 STRUCTURE_NAME = "lattice"
-# hyperparameters a checkpoint must agree on (checked on load; the error names the field)
-MODE_FIELDS = ("use_lattice", "mode", "carriers", "carrier_dim", "carrier_memory")
+# hyperparameters a checkpoint must agree on (checked on load; the error names the field), dotted into groups
+MODE_FIELDS = ("use_lattice", "mode", "energy_flow.carriers", "energy_flow.carrier_dim", "energy_flow.memory")
+
+
+@dataclass(frozen=True)
+class LatticeOptimConfig:
+    """The default optimizer (AdamW, linear warm-up then cosine decay), used when the CLI sets no ``optimizer:``."""
+
+    learning_rate: float = 3e-3  # peak learning rate
+    # the lattice rule's learning rate as a fraction of learning_rate: the rule is applied `steps` times in a row,
+    # and a small scale keeps a transport-initialised rule close to a copy
+    rule_lr_scale: float = 1.0
+    weight_decay: float = 0.05  # on matrices
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to min_lr_ratio * learning_rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+
+    def __post_init__(self) -> None:
+        if self.rule_lr_scale < 0:
+            raise ValueError(f"rule_lr_scale={self.rule_lr_scale} must be >= 0")
+
+
+# the groups of LatticeNetwork's arguments, and where each flat argument of checkpoint format 1 went
+GROUPS: dict[str, type] = {
+    "lattice": LatticeConfig, "text": FaceTextConfig, "plasticity": PlasticityConfig,
+    "clustering": ClusteringConfig, "energy_flow": EnergyFlowConfig, "optim": LatticeOptimConfig,
+}
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    **{f: ("lattice", f) for f in ("depth", "height", "width", "channels", "hidden", "steps", "fire_rate",
+                                   "perception", "alive_threshold", "depth_taps", "rule_init", "stencil",
+                                   "checkpoint_every")},
+    "carriers": ("energy_flow", "carriers"), "carrier_dim": ("energy_flow", "carrier_dim"),
+    "carrier_max_step": ("energy_flow", "max_step"), "energy_decay": ("energy_flow", "energy_decay"),
+    "carrier_memory": ("energy_flow", "memory"),
+    **{f: ("text", f) for f in ("encoder_dim", "decoder_dim", "heads", "decoder_layers", "decoder_cell_rope",
+                                "max_question_bytes", "max_answer_bytes")},
+    "stdp_a_plus": ("plasticity", "a_plus"), "stdp_a_minus": ("plasticity", "a_minus"),
+    "stdp_trace_decay": ("plasticity", "trace_decay"), "bcm_rate": ("plasticity", "bcm_rate"),
+    "bcm_tau": ("plasticity", "bcm_tau"), "competitive_rate": ("plasticity", "competitive_rate"),
+    "competitive_top_k": ("plasticity", "top_k"), "w_min": ("plasticity", "w_min"), "w_max": ("plasticity", "w_max"),
+    "plasticity_enabled": ("plasticity", "enabled"), "profile": ("plasticity", "profile"),
+    "n_clusters": ("clustering", "n_clusters"), "cluster_sample": ("clustering", "sample_size"),
+    "clustering": ("clustering", "enabled"), "cluster_coordination": ("clustering", "coordination"),
+    **{f: ("optim", f) for f in ("learning_rate", "rule_lr_scale", "weight_decay", "warmup_steps", "min_lr_ratio")},
+}
+# format-1 state-dict keys: the per-cell buffers sat on the module itself; they now live in `cells` (LatticeState)
+FLAT_BUFFERS = ("connections", "connection_mask", "cluster_ids", "trace", "theta")
+
+ConfigT = TypeVar("ConfigT")
+
+
+def is_flat(key: str, value: Any) -> bool:
+    """Whether ``key=value`` is a format-1 flat argument (``clustering`` was the on/off switch, now it is a group)."""
+    return key in FLAT_FIELDS and not (key == "clustering" and not isinstance(value, bool))
+
+
+def grouped_hparams(flat: dict[str, Any]) -> dict[str, Any]:
+    """Format-1 flat arguments (``depth=…, n_clusters=…``) -> grouped ones (``lattice={"depth": …}, …``); arguments
+    that kept their place (``use_lattice``, ``mode``, ``metrics_every``, ``lattice_seed``) pass through."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if is_flat(key, value):
+            group, field = FLAT_FIELDS[key]
+            out.setdefault(group, {})[field] = value
+        else:
+            out[key] = value
+    return out
+
+
+def as_config(cls: type[ConfigT], value: Any, name: str) -> ConfigT:
+    """A config group given as its dataclass or as a dict of its fields (how checkpoints store it)."""
+    if isinstance(value, dict):
+        value = cls(**value)
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    return value
 
 
 class LatticeNetwork(ResumableModule):
@@ -72,178 +145,109 @@ class LatticeNetwork(ResumableModule):
     (B, La + 2) int64 ids (answers framed by BOS/EOS, PAD-padded).
 
     Args:
-        depth: lattice depth D (input face at 0, output face at D - 1).
-        height: lattice height H (face rows).
-        width: lattice width W (face columns).
-        channels: state channels C per cell.
-        hidden: width of the rule's update MLP.
-        steps: lattice steps per forward; ``>= depth - 1`` so the input can reach the output face.
-        fire_rate: probability a cell updates in a training step.
-        perception: ``"sobel"`` (fixed Sobel + Laplacian kernels) or ``"depthwise"`` (learned depthwise conv).
-        alive_threshold: NCA alive-mask threshold on channel 0, None to keep every cell alive.
-        depth_taps: also perceive each cell's two depth neighbours (d - 1, d + 1) unblurred.
-        rule_init: ``"default"`` or ``"transport"`` (the rule starts as the exact copy ``Δs = s[d - 1] - s``, so
-            the question reaches the output face at initialisation; needs ``depth_taps`` and
-            ``hidden >= 2 * channels``).
         use_lattice: False gives the no-lattice baseline (encoder -> per-cell MLP of equal size -> decoder).
         mode: ``"nca"`` (the shared cell rule) or ``"energy_flow"`` (carriers moving through the lattice, reading and
             writing cells; :mod:`neat_lightning.components.energy_flow`; the plastic connections are unused).
-        stencil: ``"sparse"`` (CSR products) or ``"shift"`` (shifted dense views, no index buffers: for big lattices).
-        checkpoint_every: activation checkpointing across lattice steps: keep the state every this many steps and
-            recompute the rest in the backward (0 = off).
-        carriers: energy-flow carriers per sample.
-        carrier_dim: recurrent state per carrier.
-        carrier_max_step: largest learned carrier displacement per axis and step (normalised units).
-        energy_decay: carrier energy multiplier per step.
-        carrier_memory: past positions each carrier remembers.
-        encoder_dim: width of the byte encoder.
-        decoder_dim: width of the byte decoder.
-        heads: attention heads of encoder and decoder.
-        decoder_layers: decoder layers (self-attention + cross-attention to the output face).
-        decoder_cell_rope: rotary cross-attention: output-face cells at their reading position (cell index // the
-            encoder's cells per byte), so the decoder can learn "copy from k bytes ahead" once for all positions.
-        max_question_bytes: question length Lq the encoder is built for (longer prompts keep their end).
-        max_answer_bytes: answer length the decoder is trained on.
-        stdp_a_plus: STDP potentiation amplitude A₊ (before the profile's multiplier).
-        stdp_a_minus: STDP depression amplitude A₋.
-        stdp_trace_decay: STDP trace decay per lattice step.
-        bcm_rate: BCM learning rate η.
-        bcm_tau: BCM sliding-threshold time constant τ_θ, in plasticity updates.
-        competitive_rate: competitive boost/inhibition factor.
-        competitive_top_k: competitive winners per cell (of 26).
-        w_min: lower clamp of the connection weights.
-        w_max: upper clamp of the connection weights.
-        plasticity_enabled: apply plasticity after each optimiser step.
-        profile: initial plasticity profile (``discovery``, ``learning``, ``consolidation``, ``freeze``).
-        n_clusters: K of the functional clustering.
-        cluster_sample: cells sampled per k-means update.
-        clustering: start with clustering on (PlasticityStages turns it on from stage 3).
-        cluster_coordination: weight of the cluster coordination loss (0 = off).
+        lattice: size (D, H, W; input face at depth 0, output face at D - 1), channels, rule width, ``steps``
+            (``>= depth - 1`` so the input can reach the output face), firing, perception, stencil, rule init and
+            activation checkpointing.
+        text: the question encoder and the answer decoder (widths, heads, layers, rotary cross-attention, lengths).
+        plasticity: STDP/BCM/competitive rates and weight bounds, whether plasticity runs after each optimiser
+            step, and the initial profile (``discovery``, ``learning``, ``consolidation``, ``freeze``).
+        clustering: K, cells sampled per k-means update, whether clustering starts on (PlasticityStages turns it on
+            from stage 3), and the weight of the cluster coordination loss.
+        energy_flow: the carriers of ``mode="energy_flow"`` (count, state, step, energy decay, memory).
+        optim: the default AdamW and its warm-up/cosine schedule, with the rule's own learning-rate scale.
         metrics_every: log lattice metrics (activity, emergence, clusters) every this many steps.
         lattice_seed: seed of the stochastic firing and cluster sampling (per step, so resumes are exact).
-        learning_rate: peak AdamW learning rate of the default optimizer.
-        rule_lr_scale: the lattice rule's learning rate as a fraction of ``learning_rate`` (the rule is applied
-            ``steps`` times in a row; a small scale keeps a transport-initialised rule close to a copy).
-        weight_decay: AdamW weight decay on matrices.
-        warmup_steps: linear warm-up steps, then cosine decay to ``min_lr_ratio * learning_rate``.
-        min_lr_ratio: final learning rate as a fraction of the peak.
     """
 
     def __init__(
         self,
-        depth: int = 16,
-        height: int = 16,
-        width: int = 16,
-        channels: int = 16,
-        hidden: int = 64,
-        steps: int = 20,
-        fire_rate: float = 0.5,
-        perception: Perception = "sobel",
-        alive_threshold: float | None = None,
-        depth_taps: bool = False,
-        rule_init: RuleInit = "default",
         use_lattice: bool = True,
         mode: Literal["nca", "energy_flow"] = "nca",
-        stencil: Stencil = "sparse",
-        checkpoint_every: int = 0,
-        carriers: int = 1024,
-        carrier_dim: int = 8,
-        carrier_max_step: float = 0.1,
-        energy_decay: float = 0.98,
-        carrier_memory: int = 5,
-        encoder_dim: int = 64,
-        decoder_dim: int = 128,
-        heads: int = 4,
-        decoder_layers: int = 2,
-        decoder_cell_rope: bool = False,
-        max_question_bytes: int = 48,
-        max_answer_bytes: int = 40,
-        stdp_a_plus: float = 0.01,
-        stdp_a_minus: float = 0.012,
-        stdp_trace_decay: float = 0.8,
-        bcm_rate: float = 0.01,
-        bcm_tau: float = 10.0,
-        competitive_rate: float = 0.02,
-        competitive_top_k: int = 6,
-        w_min: float = 0.0,
-        w_max: float = 2.0,
-        plasticity_enabled: bool = True,
-        profile: str = "discovery",
-        n_clusters: int = 8,
-        cluster_sample: int = 4096,
-        clustering: bool = False,
-        cluster_coordination: float = 0.0,
+        lattice: LatticeConfig = LatticeConfig(),
+        text: FaceTextConfig = FaceTextConfig(),
+        plasticity: PlasticityConfig = PlasticityConfig(),
+        clustering: ClusteringConfig = ClusteringConfig(),
+        energy_flow: EnergyFlowConfig = EnergyFlowConfig(),
+        optim: LatticeOptimConfig = LatticeOptimConfig(),
         metrics_every: int = 10,
         lattice_seed: int = 0,
-        learning_rate: float = 3e-3,
-        rule_lr_scale: float = 1.0,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if use_lattice and steps < depth - 1:
-            raise ValueError(f"steps={steps} must be >= depth - 1 = {depth - 1} for the input to reach the output face")
+        groups = {name: as_config(cls, value, name) for (name, cls), value in zip(
+            GROUPS.items(), (lattice, text, plasticity, clustering, energy_flow, optim))}
+        lattice, text, plasticity, clustering, energy_flow, optim = groups.values()
+        self.save_hyperparameters(ignore=list(GROUPS))
+        for name, cfg in groups.items():  # plain values: checkpoints load with weights_only
+            self.hparams[name] = dataclasses.asdict(cfg)
+        if use_lattice and lattice.steps < lattice.depth - 1:
+            raise ValueError(f"steps={lattice.steps} must be >= depth - 1 = {lattice.depth - 1} for the input to "
+                             "reach the output face")
         if metrics_every < 1:
             raise ValueError(f"metrics_every={metrics_every} must be >= 1")
-        if rule_lr_scale < 0:
-            raise ValueError(f"rule_lr_scale={rule_lr_scale} must be >= 0")
-        if cluster_coordination < 0:
-            raise ValueError(f"cluster_coordination={cluster_coordination} must be >= 0")
         if mode not in ("nca", "energy_flow"):
             raise ValueError(f"mode={mode!r} must be 'nca' or 'energy_flow'")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every={checkpoint_every} must be >= 0 (0 = no activation checkpointing)")
-        self.config = LatticeConfig(
-            depth, height, width, channels, hidden, steps, fire_rate, perception, alive_threshold,
-            depth_taps=depth_taps, rule_init=rule_init, stencil=stencil,
-        )
-        # flat arguments rather than a dataclass: hparams stay plain values, so checkpoints load with weights_only
-        self.plasticity_config = PlasticityConfig(
-            stdp_a_plus, stdp_a_minus, stdp_trace_decay, bcm_rate, bcm_tau, competitive_rate, competitive_top_k,
-            w_min, w_max,
-        )
-        self.profile = profile_by_name(profile)
-        self.clustering_enabled = clustering
-        self.encoder = FaceEncoder(channels, height, width, encoder_dim, heads, max_question_bytes)
+        self.config = lattice  # follows the lattice's growth (size and steps)
+        self.text_config, self.optim_config = text, optim
+        C, H, W = lattice.channels, lattice.height, lattice.width
+        self.encoder = FaceEncoder(C, H, W, text.encoder_dim, text.heads, text.max_question_bytes)
         self.decoder = FaceDecoder(
-            channels, height * width, decoder_dim, heads, decoder_layers, max_answer_bytes + 2,
-            cell_stride=self.encoder.cells_per_byte if decoder_cell_rope else None,
+            C, H * W, text.decoder_dim, text.heads, text.decoder_layers, text.max_answer_bytes + 2,
+            cell_stride=self.encoder.cells_per_byte if text.decoder_cell_rope else None,
         )
-        rule = LatticeRule(dataclasses.replace(self.config, stencil="shift"))  # shift: no stencil buffers to build
+        rule = LatticeRule(dataclasses.replace(lattice, stencil="shift"))  # shift: no stencil buffers to build
         if use_lattice and mode == "energy_flow":
-            self.flow = EnergyFlow(self.flow_config())
+            self.flow = EnergyFlow(energy_flow, lattice)
         elif use_lattice:
-            self.rule = LatticeRule(self.config)
+            self.rule = LatticeRule(lattice)
         else:
-            self.adapter = PointwiseAdapter(channels, sum(p.numel() for p in rule.parameters()))
-        self.kmeans = CosineKMeans(n_clusters, channels, cluster_sample)
-        self._allocate(self.config.size)
-        with torch.no_grad():
-            self.connections.uniform_(0.5, 1.5)
+            self.adapter = PointwiseAdapter(C, sum(p.numel() for p in rule.parameters()))
+        self.cells = LatticeState(lattice.size, C, plasticity, clustering)
+        self.val_exact_match = MeanMetric()  # per question: 1.0 when the whole answer is right
         self._last_activity: torch.Tensor | None = None  # (T, D, H, W) of the last training forward
         self._last_cells: torch.Tensor | None = None  # (D·H·W, C) batch-mean final state
         self._record()
 
-    # -- structure -------------------------------------------------------------------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------------------------
 
-    def _allocate(self, size: tuple[int, int, int]) -> None:
-        """(Re)create every buffer whose shape is the lattice size; values are reset (weights load afterwards)."""
-        D, H, W = size
-        device = self.encoder.cell_bias.device
-        self.register_buffer("connections", torch.zeros(D, H, W, N_NEIGHBOURS, device=device))
-        self.register_buffer("connection_mask", torch.ones(D, H, W, N_NEIGHBOURS, dtype=torch.bool, device=device))
-        self.register_buffer("cluster_ids", torch.zeros(D, H, W, dtype=torch.long, device=device))
-        self.register_buffer("trace", torch.zeros(D, H, W, device=device))
-        self.register_buffer("theta", torch.zeros(D, H, W, device=device))
+    @classmethod
+    def upgrade_format(cls, checkpoint: dict[str, Any], found: int) -> list[str]:
+        """Format 1 -> 2: the ~50 flat arguments become the groups of :data:`GROUPS` (:data:`FLAT_FIELDS` says where
+        each went), the per-cell buffers and the k-means move under ``cells.``, and the structural record names the
+        energy-flow fields by their dotted group names."""
+        changes = super().upgrade_format(checkpoint, found)
+        if found >= 2:
+            return changes
+        hp = checkpoint.get("hyper_parameters")
+        flat = [k for k, v in (hp or {}).items() if is_flat(k, v)]
+        if flat:
+            checkpoint["hyper_parameters"] = grouped_hparams(hp)
+            for group in GROUPS:  # one line per group: "text: encoder_dim, …", "plasticity: stdp_a_plus -> a_plus, …"
+                moved = [k if k == f else f"{k} -> {f}" for k in flat for g, f in [FLAT_FIELDS[k]] if g == group]
+                if moved:
+                    changes.append(f"LatticeNetwork arguments into the {group} group: {', '.join(moved)}")
+        sd = checkpoint.get("state_dict") or {}
+        moved = [k for k in list(sd) if k in FLAT_BUFFERS or k.startswith("kmeans.")]
+        for key in moved:
+            sd[f"cells.{key}"] = sd.pop(key)
+        if moved:
+            changes.append(f"LatticeNetwork state-dict keys {', '.join(moved)} -> cells.*")
+        record = checkpoint.get(STRUCTURE_KEY, {}).get(STRUCTURE_NAME, {})
+        fields = record.get("fields", {})
+        renamed = {k: f"{FLAT_FIELDS[k][0]}.{FLAT_FIELDS[k][1]}" for k in fields if k in FLAT_FIELDS}
+        if renamed:
+            record["fields"] = {renamed.get(k, k): v for k, v in fields.items()}
+            changes.append(f"lattice structure fields {', '.join(renamed)} -> {', '.join(renamed.values())}")
+        return changes
 
-    def flow_config(self) -> EnergyFlowConfig:
-        hp, cfg = self.hparams, self.config
-        return EnergyFlowConfig(
-            *cfg.size, cfg.channels, hp.carriers, hp.carrier_dim, cfg.steps, hp.carrier_max_step, hp.energy_decay,
-            memory=hp.carrier_memory,
-        )
+    def hparam(self, field: str) -> Any:
+        """A hyperparameter by (dotted) name: ``"mode"``, ``"energy_flow.carriers"``."""
+        value: Any = self.hparams
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
 
     def _record(self) -> None:
         self.record_structure(
@@ -253,81 +257,16 @@ class LatticeNetwork(ResumableModule):
                 "steps": int(self.config.steps),
                 # the mode's fields: load_from_checkpoint(path, **overrides) rewrites the checkpoint's hparams, not
                 # this record, so a mismatch can still be named on load
-                "fields": {f: self.hparams[f] for f in MODE_FIELDS},
-                "profile": dataclasses.asdict(self.profile),
-                "clustering": bool(self.clustering_enabled),
+                "fields": {f: self.hparam(f) for f in MODE_FIELDS},
+                "profile": dataclasses.asdict(self.cells.profile),
+                "clustering": bool(self.cells.clustering_enabled),
             },
         )
-
-    def resize_lattice(self, size: tuple[int, int, int], steps: int | None = None) -> None:
-        """Rebuild the module for a lattice of ``size`` (D, H, W) (and ``steps`` lattice steps, default unchanged):
-        buffers and face-sized parameters get new shapes (zeroed; a checkpoint's weights fill them). Used when a
-        checkpoint records a grown lattice; :meth:`grow` resizes and carries the learnt values over."""
-        D, H, W = (int(s) for s in size)
-        steps = self.config.steps if steps is None else int(steps)
-        if min(D, H, W) < 1:
-            raise ValueError(f"lattice size={tuple(size)} must be positive")
-        if self.hparams.use_lattice and steps < D - 1:
-            raise ValueError(f"lattice size depth={D} needs steps >= {D - 1}, the module has steps={steps}")
-        self.config = dataclasses.replace(self.config, depth=D, height=H, width=W, steps=steps)
-        if self.hparams.use_lattice and self.hparams.mode == "energy_flow":
-            self.flow.config = self.flow_config()
-        elif self.hparams.use_lattice:
-            self.rule.build_stencils((D, H, W))
-        if H * W < self.encoder.max_len * self.encoder.cells_per_byte:
-            raise ValueError(f"lattice size {(D, H, W)}: a {H}x{W} face cannot hold the encoder's "
-                             f"{self.encoder.max_len} bytes x {self.encoder.cells_per_byte} cells")
-        self.encoder.height, self.encoder.width = H, W
-        dev = self.encoder.cell_bias.device
-        self.encoder.cell_bias = torch.nn.Parameter(torch.zeros(H * W, self.config.channels, device=dev))
-        self.decoder.cell_pos = torch.nn.Parameter(torch.zeros(H * W, self.decoder.cell_pos.shape[1], device=dev))
-        self._allocate((D, H, W))
-        self._record()
-
-    @torch.no_grad()
-    def grow(self, size: tuple[int, int, int], steps: int | None = None) -> dict[str, torch.nn.Parameter]:
-        """Grow (or shrink) the lattice to ``size`` (D, H, W), carrying over what was learnt: the shared rule and the
-        encoder/decoder weights are unchanged; per-cell buffers (connections, traces, BCM thresholds) are resampled
-        trilinearly, the pruning mask and cluster ids by nearest neighbour, and the face-sized parameters
-        (``encoder.cell_bias``, ``decoder.cell_pos``) bilinearly **in place** (same ``Parameter`` objects, so an
-        optimizer keeps tracking them; :func:`neat_lightning.callbacks.progressive_scaling.resample_optimizer_state`
-        resamples their moments). ``steps`` defaults to the current steps plus the depth added.
-
-        Returns:
-            the resized parameters by name.
-        """
-        old_size = self.config.size
-        size = tuple(int(s) for s in size)
-        steps = self.config.steps + max(0, size[0] - old_size[0]) if steps is None else int(steps)
-        old = {name: getattr(self, name).clone() for name in ("connections", "connection_mask", "cluster_ids",
-                                                               "trace", "theta")}
-        faces = {"encoder.cell_bias": self.encoder.cell_bias, "decoder.cell_pos": self.decoder.cell_pos}
-        face_values = {name: p.detach().clone() for name, p in faces.items()}
-        # resize_lattice replaces the face parameters; keep the old objects and give them their new values below
-        self.resize_lattice(size, steps)
-        self.encoder.cell_bias, self.decoder.cell_pos = faces["encoder.cell_bias"], faces["decoder.cell_pos"]
-        for name, p in faces.items():
-            p.data = resample_face(face_values[name], old_size[1:], size[1:])
-            p.grad = None
-        self.connections.copy_(resample_cells(old["connections"], size, "trilinear"))
-        self.connection_mask.copy_(resample_cells(old["connection_mask"].float(), size, "nearest") > 0.5)
-        self.connections.mul_(self.connection_mask)
-        self.cluster_ids.copy_(resample_cells(old["cluster_ids"][..., None].float(), size, "nearest")[..., 0].long())
-        self.trace.copy_(resample_cells(old["trace"][..., None], size, "trilinear")[..., 0])
-        self.theta.copy_(resample_cells(old["theta"][..., None], size, "trilinear")[..., 0])
-        self._last_activity = self._last_cells = None
-        return faces
-
-    def release_memory(self) -> int:
-        """Drop the cached activity and cells of the last forward (the ``Releasable`` protocol). Returns bytes freed."""
-        freed = sum(t.numel() * t.element_size() for t in (self._last_activity, self._last_cells) if t is not None)
-        self._last_activity = self._last_cells = None
-        return freed
 
     def restore_structure(self, name: str, state: Any) -> None:
         """Rebuild the ``"lattice"`` entry: resize to the recorded size (and lattice steps), set profile and
         clustering; other names go to the base class."""
-        if name != "lattice":
+        if name != STRUCTURE_NAME:
             return super().restore_structure(name, state)
         size = tuple(int(s) for s in state["size"])
         steps = int(state.get("steps", self.config.steps))
@@ -336,52 +275,128 @@ class LatticeNetwork(ResumableModule):
             self.resize_lattice(size, steps)
         profile = state.get("profile")
         if profile is not None:
-            self.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
-        self.clustering_enabled = bool(state.get("clustering", False))
+            self.cells.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
+        self.cells.clustering_enabled = bool(state.get("clustering", False))
         self._record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint(checkpoint, type(self))  # a --ckpt_path resume of a format-1 file: names first
         saved = checkpoint.get(STRUCTURE_KEY, {}).get(STRUCTURE_NAME, {}).get("fields", {})
         for field in MODE_FIELDS:
-            if field in saved and saved[field] != self.hparams.get(field):
+            if field in saved and saved[field] != self.hparam(field):
                 raise ValueError(
                     f"the checkpoint was written with {field}={saved[field]!r} but this LatticeNetwork has "
-                    f"{field}={self.hparams.get(field)!r}; build the module with the checkpoint's {field}"
+                    f"{field}={self.hparam(field)!r}; build the module with the checkpoint's {field}"
                 )
         super().on_load_checkpoint(checkpoint)
 
-    # -- Plastic protocol and stage hooks --------------------------------------------------------------------------
+    # -- size (the Growable protocol) ------------------------------------------------------------------------------
+
+    def current_size(self) -> tuple[int, int, int]:
+        return self.config.size
+
+    def estimate_memory(self, size: tuple[int, int, int], batch: int = 1, precision: str = "32-true") -> int:
+        """Estimated peak bytes of one training step grown to ``size``
+        (:func:`~neat_lightning.components.memory_budget.estimate_memory`)."""
+        cfg, text = self.config, self.text_config
+        return memory_budget.estimate_memory(memory_budget.MemoryConfig(
+            size=tuple(int(s) for s in size), channels=cfg.channels, hidden=cfg.hidden,
+            steps=cfg.steps + max(0, int(size[0]) - cfg.depth), batch=batch, precision=precision,
+            checkpoint_every=cfg.checkpoint_every, stencil=cfg.stencil, encoder_dim=text.encoder_dim,
+            decoder_dim=text.decoder_dim, decoder_layers=text.decoder_layers,
+        ))
+
+    def resize_lattice(self, size: tuple[int, int, int], steps: int | None = None) -> None:
+        """Rebuild the module for a lattice of ``size`` (D, H, W) (and ``steps`` lattice steps, default unchanged):
+        buffers and face-sized parameters get new shapes (zeroed; a checkpoint's weights fill them). Used when a
+        checkpoint records a grown lattice; :meth:`grow` resizes and carries the learnt values over."""
+        self._resize(size, steps, resample=False)
+
+    @torch.no_grad()
+    def grow(self, size: tuple[int, int, int], steps: int | None = None) -> dict[str, GrownParameter]:
+        """Grow (or shrink) the lattice to ``size`` (D, H, W), carrying over what was learnt: the shared rule and the
+        encoder/decoder weights are unchanged; per-cell buffers are resampled (:meth:`LatticeState.resize`) and the
+        face-sized parameters (``encoder.cell_bias``, ``decoder.cell_pos``) bilinearly **in place** (same
+        ``Parameter`` objects, so an optimizer keeps tracking them). ``steps`` defaults to the current steps plus
+        the depth added.
+
+        Returns:
+            the resized parameters by name, each with its old shape and the resampling that carried it over.
+        """
+        size = tuple(int(s) for s in size)
+        steps = self.config.steps + max(0, size[0] - self.config.depth) if steps is None else int(steps)
+        old_hw = self.config.size[1:]
+        faces = {"encoder.cell_bias": self.encoder.cell_bias, "decoder.cell_pos": self.decoder.cell_pos}
+        old_shapes = {name: tuple(p.shape) for name, p in faces.items()}
+        self._resize(size, steps, resample=True)
+        resample = functools.partial(resample_face, old_hw=old_hw, new_hw=size[1:])
+        return {name: GrownParameter(p, old_shapes[name], resample) for name, p in faces.items()}
+
+    def _resize(self, size: tuple[int, int, int], steps: int | None, resample: bool) -> None:
+        D, H, W = (int(s) for s in size)
+        steps = self.config.steps if steps is None else int(steps)
+        if min(D, H, W) < 1:
+            raise ValueError(f"lattice size={tuple(size)} must be positive")
+        if self.hparams.use_lattice and steps < D - 1:
+            raise ValueError(f"lattice size depth={D} needs steps >= {D - 1}, the module has steps={steps}")
+        old_hw = self.config.size[1:]
+        try:  # checked before anything changes
+            self.encoder.resize(H, W, resample)
+        except ValueError as err:
+            raise ValueError(f"lattice size {(D, H, W)}: {err}") from None
+        self.decoder.resize(old_hw, (H, W), resample)
+        self.config = dataclasses.replace(self.config, depth=D, height=H, width=W, steps=steps)
+        if self.hparams.use_lattice and self.hparams.mode == "energy_flow":
+            self.flow.lattice = self.config
+        elif self.hparams.use_lattice:
+            self.rule.build_stencils((D, H, W))
+        self.cells.resize((D, H, W), resample)
+        self._last_activity = self._last_cells = None
+        self._record()
+
+    def release_memory(self) -> int:
+        """Drop the cached activity and cells of the last forward (the ``Releasable`` protocol). Returns bytes freed."""
+        freed = sum(t.numel() * t.element_size() for t in (self._last_activity, self._last_cells) if t is not None)
+        self._last_activity = self._last_cells = None
+        return freed
+
+    # -- Plastic and StagedLattice protocols -----------------------------------------------------------------------
 
     def set_plasticity_profile(self, profile: PlasticityProfile) -> None:
         """Switch the rules' learning-rate multipliers and activity threshold (the ``Plastic`` protocol)."""
         if not isinstance(profile, PlasticityProfile):
             raise TypeError(f"profile must be a PlasticityProfile, got {type(profile).__name__}")
-        self.profile = profile
+        self.cells.profile = profile
         self._record()
 
     def set_clustering_enabled(self, enabled: bool) -> None:
-        self.clustering_enabled = bool(enabled)
+        self.cells.clustering_enabled = bool(enabled)
         self._record()
 
-    @torch.no_grad()
     def prune_connections(self, sparsity: float) -> float:
         """Global magnitude pruning of the connections to ``sparsity``; returns the sparsity reached."""
-        self.connection_mask.copy_(magnitude_prune_mask(self.connections, self.connection_mask, sparsity))
-        self.connections.mul_(self.connection_mask)
-        return self.sparsity
+        return self.cells.prune(sparsity)
+
+    @property
+    def profile(self) -> PlasticityProfile:
+        return self.cells.profile
+
+    @property
+    def clustering_enabled(self) -> bool:
+        return self.cells.clustering_enabled
 
     @property
     def sparsity(self) -> float:
-        return float((~self.connection_mask).float().mean())
+        return self.cells.sparsity
 
     # -- model -----------------------------------------------------------------------------------------------------
-
-    def effective_connections(self) -> torch.Tensor:
-        return self.connections * self.connection_mask
 
     def _generator(self) -> torch.Generator:
         g = torch.Generator(device=self.device)
         return g.manual_seed(int(self.hparams.lattice_seed) * 1_000_003 + int(self.global_step if self._trainer else 0))
+
+    def _cpu_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(int(self.hparams.lattice_seed) * 7_919 + int(self.global_step))
 
     def encode_questions(self, questions: torch.Tensor, stochastic: bool = False):
         """questions (B, Lq) -> ``(memory (B, H·W, E), state (N, B, C) or None, activity (T, D, H, W) or None)``."""
@@ -396,8 +411,8 @@ class LatticeNetwork(ResumableModule):
             out_face = cells[:, -face.shape[1] :]  # the last H·W cells: depth D - 1
             return self.decoder.memory(out_face), None, None
         state, activity = run_lattice(
-            self.rule, rearrange(face, "b n c -> n b c"), self.effective_connections(), self.config.steps,
-            stochastic, generator=gen, checkpoint_every=self.hparams.checkpoint_every,
+            self.rule, rearrange(face, "b n c -> n b c"), self.cells.effective_connections(), self.config.steps,
+            stochastic, generator=gen,
         )  # (N, B, C), (T, D, H, W)
         out_face = rearrange(state[-face.shape[1] :], "n b c -> b n c")  # the last H·W cells: depth D - 1
         return self.decoder.memory(out_face), state, activity
@@ -422,11 +437,11 @@ class LatticeNetwork(ResumableModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, state = self.loss(batch, stochastic=True)
         total = loss
-        if self.hparams.cluster_coordination > 0 and self.clustering_enabled and state is not None:
-            ids = self.cluster_ids.reshape(-1).repeat_interleave(state.shape[1])  # (N·B,) matching (n b) rows
-            coord = coordination_loss(rearrange(state, "n b c -> (n b) c"), ids, self.kmeans.centroids)
+        weight = self.cells.clustering.coordination
+        if weight > 0 and self.cells.clustering_enabled and state is not None:
+            coord = self.cells.coordination_loss(state)
             self.log("train/coordination", coord)
-            total = loss + self.hparams.cluster_coordination * coord
+            total = loss + weight * coord
         self.log("train/loss", loss, prog_bar=True)
         return total
 
@@ -444,37 +459,15 @@ class LatticeNetwork(ResumableModule):
         """Apply the combined plasticity rule to the connections and update the clusters (no gradient)."""
         if not self.hparams.use_lattice or self._last_activity is None:
             return
-        p = self.profile
-        if self.hparams.plasticity_enabled and (p.stdp or p.bcm or p.competitive):
-            weights, state = plasticity_update(
-                self.connections, self._last_activity, PlasticityState(self.trace, self.theta), p,
-                self.plasticity_config, self.connection_mask,
-            )
-            self.connections.copy_(weights)
-            self.trace.copy_(state.trace)
-            self.theta.copy_(state.theta)
-        if self.clustering_enabled and self._last_cells is not None:
-            ids = self.kmeans.update(self._last_cells, generator=self._cpu_generator())
-            self.cluster_ids.copy_(ids.reshape(self.cluster_ids.shape))
+        self.cells.plasticity_step(self._last_activity, self._last_cells, generator=self._cpu_generator())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._last_activity is not None and self.global_step % self.hparams.metrics_every == 0:
             self.log_dict(self.lattice_metrics(self._last_activity[-1]))
 
-    def _cpu_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(int(self.hparams.lattice_seed) * 7_919 + int(self.global_step))
-
     def lattice_metrics(self, activity: torch.Tensor) -> dict[str, float]:
-        """Metrics of a (D, H, W) activity field under the current profile and structure."""
-        entropy, wavelength = spectral_emergence(activity)
-        return {
-            "lattice/activity": float((activity > self.profile.activity_threshold).float().mean()),
-            "lattice/emergence": entropy,
-            "lattice/wavelength": wavelength,
-            "lattice/clusters": float(cluster_count(self.cluster_ids, self.hparams.n_clusters))
-            if self.clustering_enabled else 0.0,
-            "lattice/sparsity": self.sparsity,
-        }
+        """Metrics of a (D, H, W) activity field under the current profile and structure, by logged name."""
+        return {f"lattice/{name}": value for name, value in self.cells.metrics(activity).items()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, _ = self.loss(batch, stochastic=False)
@@ -486,24 +479,25 @@ class LatticeNetwork(ResumableModule):
         # exact match: identical bytes up to and including EOS (PAD after EOS is ignored)
         upto = torch.cumsum((target == EOS_ID).long(), 1) - (target == EOS_ID).long() == 0
         same = ((pred == target) | ~upto).all(1).float()
-        self.log("val/exact_match", same.mean(), prog_bar=True, batch_size=len(same))
+        self.val_exact_match.update(same)  # the mean over every question of the epoch, on every rank
+        self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=len(same))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        out = default_adamw(self, hp.learning_rate, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio)
-        if not hp.use_lattice or hp.rule_lr_scale == 1.0:
-            return out
+        o = self.optim_config
+        out = default_adamw(self, o.learning_rate, o.weight_decay, o.warmup_steps, o.min_lr_ratio)
+        if not (self.hparams.use_lattice and self.hparams.mode == "nca") or o.rule_lr_scale == 1.0:
+            return out  # no rule (baseline, energy flow) or no separate rate
         # the rule is applied T times in a row: its own (smaller) learning rate keeps a transport init near a copy
         rule = {id(p) for p in self.rule.parameters()}
         groups = [
             {**g, "params": [p for p in g["params"] if (id(p) in rule) == is_rule],
-             "lr": hp.learning_rate * (hp.rule_lr_scale if is_rule else 1.0)}
-            for g in decay_groups(self, hp.weight_decay) for is_rule in (False, True)
+             "lr": o.learning_rate * (o.rule_lr_scale if is_rule else 1.0)}
+            for g in decay_groups(self, o.weight_decay) for is_rule in (False, True)
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.learning_rate, betas=(0.9, 0.95))
         scheduler = out["lr_scheduler"]["scheduler"]  # same warm-up/cosine multiplier, now on the split groups
         out["optimizer"] = optimizer
         out["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
@@ -536,7 +530,7 @@ class LatticeNetwork(ResumableModule):
 
     def generate_text(self, prompts: list[str], max_new_bytes: int, batch_size: int = 64) -> list[str]:
         """Answer each prompt (greedy); returns only the answers."""
-        Lq = self.hparams.max_question_bytes
+        Lq = self.text_config.max_question_bytes
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):  # over prompt batches
             chunk = prompts[start : start + batch_size]
@@ -546,19 +540,3 @@ class LatticeNetwork(ResumableModule):
                 q[i, : len(ids)] = ids
             out += [decode(row.cpu()) for row in self.generate_ids(q, max_new_bytes)]
         return out
-
-
-def resample_cells(field: torch.Tensor, size: tuple[int, int, int], mode: str) -> torch.Tensor:
-    """A per-cell field (D, H, W, K) resampled to ``size`` -> (D', H', W', K) (``"trilinear"``, corners aligned,
-    or ``"nearest"``)."""
-    x = rearrange(field.float(), "d h w k -> 1 k d h w")
-    kw = {"align_corners": True} if mode == "trilinear" else {}
-    out = F.interpolate(x, size=tuple(size), mode=mode, **kw)
-    return rearrange(out, "1 k d h w -> d h w k").to(field.dtype)
-
-
-def resample_face(values: torch.Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> torch.Tensor:
-    """Face-sized values (H·W, E) resampled bilinearly (corners aligned) to (H'·W', E)."""
-    x = rearrange(values, "(h w) e -> 1 e h w", h=old_hw[0], w=old_hw[1])
-    out = F.interpolate(x, size=tuple(new_hw), mode="bilinear", align_corners=True)
-    return rearrange(out, "1 e h w -> (h w) e").contiguous()

@@ -8,6 +8,11 @@ The unified model loads a trained VQVAE frozen and uses only this interface:
   codes (MVoT's token discrepancy loss ``L_D = mean_i sum_j D[t_i, j] softmax(logits_i)_j``);
 * ``grid_shape(image_size) -> (h, w)``.
 
+:class:`VQVAETokenizer` wraps a frozen VQ-VAE checkpoint as the :class:`~neat_lightning.protocols.ImageTokenizer` that
+:class:`~neat_lightning.data.multimodal.MultimodalDataModule` is given (YAML ``class_path``/``init_args``), and
+:func:`check_tokenizer_matches` is the check that the data's image tokens are the model's.
+:func:`save_vqvae_checkpoint` writes a loadable checkpoint without a Trainer.
+
 Training: reconstruction MSE plus the quantizer's commitment loss; the codebook itself follows an EMA of the
 encodings (no gradient), with dead-code restarts (:mod:`neat_lightning.components.quantizer`). Validation reports
 ``val/recon_mse``, ``val/psnr`` (dB, mean over images), ``val/codebook_usage`` (distinct codes used over the whole
@@ -18,21 +23,24 @@ directory of CSV-style loggers).
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torchmetrics import MeanMetric, Metric
 
+from neat_lightning.codec import VisualVocab
 from neat_lightning.components.quantizer import VectorQuantizer, perplexity_from_counts, squared_distances
 from neat_lightning.components.vqvae import ConvVAEConfig, Decoder, Encoder
-from neat_lightning.modules.base import ResumableModule
+from neat_lightning.modules.base import FORMAT, FORMAT_KEY, ResumableModule, load_frozen
 from neat_lightning.modules.optim import default_adamw
 
 
@@ -325,3 +333,84 @@ class VQVAE(ResumableModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._check_codebook_shape(state_dict, "state_dict")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the VQ-VAE as the data's image tokenizer
+
+TOKENIZER_HINT = "train one with `neat fit --config configs/vqvae_quickstart.yaml`"
+
+
+class VQVAETokenizer:
+    """A frozen VQ-VAE as an :class:`~neat_lightning.protocols.ImageTokenizer`: what
+    :class:`~neat_lightning.data.multimodal.MultimodalDataModule` is given to turn images into codes.
+
+    In YAML, under the data's ``init_args``::
+
+        tokenizer:
+          class_path: neat_lightning.modules.vqvae.VQVAETokenizer
+          init_args:
+            ckpt_path: runs/vqvae_quickstart/checkpoints/last.ckpt
+
+    Args:
+        ckpt_path: a :class:`VQVAE` checkpoint, loaded frozen on the CPU (``modules.base.load_frozen``).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError / ValueError: ``ckpt_path`` is missing, a folder, truncated, or not a
+            VQVAE checkpoint (the message names ``ckpt_path`` and its value).
+    """
+
+    def __init__(self, ckpt_path: str) -> None:
+        self.ckpt_path: str | None = ckpt_path
+        self.vqvae = load_frozen(VQVAE, ckpt_path, f"VQVAETokenizer ckpt_path={ckpt_path!r}", TOKENIZER_HINT)
+
+    @classmethod
+    def from_vqvae(cls, vqvae: VQVAE) -> VQVAETokenizer:
+        """A tokenizer over a frozen CPU copy of ``vqvae`` (scripts and tests: no checkpoint file needed); the
+        original is left as it is."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.ckpt_path = None
+        tokenizer.vqvae = copy.deepcopy(vqvae).cpu().eval().requires_grad_(False)
+        return tokenizer
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vqvae.codebook_size
+
+    def grid_shape(self, image_size: int) -> tuple[int, int]:
+        """Code grid (h, w) of a square image of ``image_size`` pixels."""
+        return self.vqvae.grid_shape(image_size)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float images in [0, 1] -> (B, H/f, W/f) int64 codes on the CPU."""
+        return self.vqvae.encode(images).cpu()
+
+    def __repr__(self) -> str:
+        source = f"ckpt_path={self.ckpt_path!r}" if self.ckpt_path is not None else "from_vqvae"
+        return f"{type(self).__name__}({source}, codebook_size={self.codebook_size})"
+
+
+def check_tokenizer_matches(model_vocab: VisualVocab, data_vocab: VisualVocab) -> None:
+    """Raise unless the data's image tokens are the model's: the same codebook size and code grid.
+
+    The model reads image ids with the VQ-VAE of its ``vqvae_ckpt`` at its ``image_size``; the data writes them with
+    its ``tokenizer`` at its own ``image_size``. Both must give the same :class:`~neat_lightning.codec.VisualVocab`.
+    """
+    if model_vocab != data_vocab:
+        raise ValueError(
+            f"the data's image tokens {data_vocab} do not match the model's {model_vocab}: the data's tokenizer and "
+            "image_size must give the codebook size and code grid of the model's vqvae_ckpt and image_size"
+        )
+
+
+def save_vqvae_checkpoint(vqvae: VQVAE, path: str | Path) -> Path:
+    """Write ``vqvae`` (weights + hyperparameters) as a checkpoint that ``VQVAE.load_from_checkpoint``,
+    :class:`VQVAETokenizer` and ``NeatModel``'s ``vqvae_ckpt`` read, without a Trainer (e.g. an untrained tiny VQ-VAE
+    for tests and CI). Written atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": vqvae.state_dict(), "hyper_parameters": dict(vqvae.hparams),
+                "pytorch-lightning_version": L.__version__, FORMAT_KEY: FORMAT}, tmp)
+    tmp.replace(path)
+    return path

@@ -9,8 +9,9 @@ from neat_lightning.data.qa import QADataModule
 from neat_lightning.modules.byte_lm import ByteLM
 from neat_lightning.modules.lattice import LatticeNetwork
 
-TINY_LATTICE = dict(depth=2, height=4, width=6, channels=4, hidden=8, steps=2, encoder_dim=16, decoder_dim=16,
-                    heads=2, decoder_layers=1, max_question_bytes=24, max_answer_bytes=20)
+TINY_LATTICE = dict(lattice=dict(depth=2, height=4, width=6, channels=4, hidden=8, steps=2),
+                    text=dict(encoder_dim=16, decoder_dim=16, heads=2, decoder_layers=1, max_question_bytes=24,
+                              max_answer_bytes=20))
 
 
 def trainer(tmp_path, steps, callbacks, **kw):
@@ -58,28 +59,29 @@ def test_prompts_from_datamodule_and_overhead_is_measured(tmp_path):
     assert monitor.overhead() == pytest.approx(monitor.monitor_seconds / monitor.training_seconds(), rel=0.05)
 
 
+class Scripted(L.LightningModule):
+    """Generates the reference for the first ``good_calls`` calls, garbage afterwards."""
+
+    def __init__(self, good_calls: int = 1):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls, self.good_calls = 0, good_calls
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(100, 1), batch_size=1)
+
+    def generate_text(self, prompts, max_new_bytes):
+        self.calls += 1
+        return ["a b c d e"] * len(prompts) if self.calls <= self.good_calls else ["zzz"] * len(prompts)
+
+
 def test_stop_above_stops_and_alert_below_warns(tmp_path):
-    class Scripted(L.LightningModule):
-        """Generates the reference for the first call, garbage afterwards."""
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.calls = 0
-
-        def training_step(self, batch, batch_idx):
-            return (self.w - 1).pow(2).sum()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.zeros(100, 1), batch_size=1)
-
-        def generate_text(self, prompts, max_new_bytes):
-            self.calls += 1
-            return ["a b c d e"] * len(prompts) if self.calls == 1 else ["zzz"] * len(prompts)
-
     mon = DecoderBLEUMonitor(every_n_steps=1, prompts=["q"], references=["a b c d e"], alert_below=50.0,
                              on_end=False)
     with pytest.warns(UserWarning, match=r"BLEU fell to 0.00, under alert_below=50.0"):
@@ -89,6 +91,22 @@ def test_stop_above_stops_and_alert_below_warns(tmp_path):
     t = trainer(tmp_path, 10, [stop])
     t.fit(Scripted())
     assert t.global_step == 1 and stop.history == [(1, pytest.approx(100.0))]
+
+
+def test_stop_decision_is_reduced_over_ranks_like_early_stopping(tmp_path, monkeypatch):
+    """Every rank takes the strategy's reduced decision (any rank at the target stops all), as EarlyStopping does."""
+    stop = DecoderBLEUMonitor(every_n_steps=1, prompts=["q"], references=["a b c d e"], stop_above=99.0,
+                              on_end=False)
+    t = trainer(tmp_path, 10, [stop])
+    calls = []
+
+    def another_rank_reached_it(decision, all=True):
+        calls.append((bool(decision), all))
+        return True
+
+    monkeypatch.setattr(t.strategy, "reduce_boolean_decision", another_rank_reached_it)
+    t.fit(Scripted(good_calls=0))  # this rank scores 0 BLEU, yet stops with the others
+    assert calls == [(False, False)] and t.global_step == 1 and stop.history == [(1, pytest.approx(0.0))]
 
 
 def test_history_survives_resume(tmp_path):

@@ -20,6 +20,9 @@ class Switchable(L.LightningModule):
         self.calls: list[tuple[str, bool, int]] = []
         self.active: set[str] = set()
 
+    def component_names(self) -> tuple[str, ...]:
+        return self.components
+
     def set_component_active(self, name: str, active: bool) -> None:
         self.calls.append((name, active, self.trainer.global_step))
         (self.active.add if active else self.active.discard)(name)

@@ -6,8 +6,10 @@ from neat_lightning.callbacks.memory_cleanup import MemoryCleanup, releasables, 
 from neat_lightning.data.qa import QADataModule
 from neat_lightning.modules.lattice import LatticeNetwork
 
-TINY = dict(depth=3, height=4, width=6, channels=4, hidden=8, steps=3, encoder_dim=16, decoder_dim=16, heads=2,
-            decoder_layers=1, max_question_bytes=24, max_answer_bytes=20, metrics_every=1, warmup_steps=1)
+TINY = dict(lattice=dict(depth=3, height=4, width=6, channels=4, hidden=8, steps=3),
+            text=dict(encoder_dim=16, decoder_dim=16, heads=2, decoder_layers=1, max_question_bytes=24,
+                      max_answer_bytes=20),
+            metrics_every=1, optim=dict(warmup_steps=1))
 
 
 class Cache(torch.nn.Module):

@@ -4,12 +4,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from neat_lightning.callbacks.plasticity_stages import DEFAULT_STAGES, PlasticityStages, Stage, batch_size_of
+from neat_lightning.components.clustering import ClusteringConfig
+from neat_lightning.components.lattice import LatticeConfig
+from neat_lightning.components.lattice_faces import FaceTextConfig
 from neat_lightning.components.plasticity import PROFILES
 from neat_lightning.data.qa import QADataModule
 from neat_lightning.modules.lattice import LatticeNetwork
 
-TINY = dict(depth=2, height=4, width=6, channels=4, hidden=8, steps=2, encoder_dim=16, decoder_dim=16, heads=2,
-            decoder_layers=1, max_question_bytes=24, max_answer_bytes=20, n_clusters=3)
+TINY = dict(lattice=LatticeConfig(depth=2, height=4, width=6, channels=4, hidden=8, steps=2),
+            text=FaceTextConfig(encoder_dim=16, decoder_dim=16, heads=2, decoder_layers=1, max_question_bytes=24,
+                                max_answer_bytes=20),
+            clustering=ClusteringConfig(n_clusters=3))
 STAGES = [Stage(0, "discovery"), Stage(2, "learning", clustering=True), Stage(3, "consolidation", True, 0.2),
           Stage(4, "freeze", True, 0.7)]
 
@@ -35,7 +40,7 @@ def data(batch_size=4):
                         batch_size=batch_size, batches_per_epoch=50)
 
 
-def test_default_table_follows_the_seeds_schedule():
+def test_default_table_is_the_six_stage_developmental_schedule():
     assert [s.profile for s in DEFAULT_STAGES] == ["discovery", "learning", "learning", "consolidation",
                                                    "consolidation", "freeze"]
     assert [s.clustering for s in DEFAULT_STAGES] == [False, False, True, True, True, True]
@@ -92,9 +97,13 @@ def test_requires_plastic_module(tmp_path):
         def set_plasticity_profile(self, profile):
             pass
 
-    with pytest.raises(TypeError, match="OnlyPlastic lacks `prune_connections`, `set_clustering_enabled`"):
+    with pytest.raises(TypeError, match="PlasticityStages needs a module implementing the StagedLattice protocol, but "
+                                        "OnlyPlastic lacks `prune_connections`, `set_clustering_enabled`"):
         PlasticityStages().setup(None, OnlyPlastic(), "fit")
-    PlasticityStages([Stage(0, "learning")]).setup(None, OnlyPlastic(), "fit")  # no clustering/pruning: fine
+    cb = PlasticityStages([Stage(0, "learning")])
+    cb.setup(None, OnlyPlastic(), "fit")  # no clustering/pruning: fine
+    assert not cb.staged
+    cb.apply(OnlyPlastic(), 0)  # and a stage only switches its profile
 
 
 @pytest.mark.parametrize("stages, match", [

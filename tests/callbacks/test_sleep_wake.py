@@ -15,13 +15,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from neat_lightning.callbacks.sleep_wake import (
-    SleepWakeConsolidation,
-    prune_low_importance,
-    prune_slots,
-    select_replay,
-)
-from neat_lightning.components.titans import TitansConfig
+from neat_lightning.callbacks.sleep_wake import SleepWakeConsolidation, prune_low_importance, select_replay
+from neat_lightning.components.titans import TitansConfig, prune_slots
 from neat_lightning.data.math import MathDataModule
 from neat_lightning.modules.byte_lm import ByteLM
 from neat_lightning.modules.neat import NeatModel
@@ -30,8 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class FakeMemory(L.LightningModule):
-    """The smallest MemoryConsolidator: a linear model whose rows are written as (key, value) items into 8 slots;
-    ``consolidate`` fits a slow linear map to them by gradient descent and accepts an explicit replay set."""
+    """The smallest MemoryConsolidator (and MemoryPrunable): a linear model whose rows are written as (key, value)
+    items into 8 slots; ``consolidate`` fits a slow linear map to them by gradient descent and accepts an explicit
+    replay set."""
 
     def __init__(self, slots: int = 8) -> None:
         super().__init__()
@@ -87,6 +83,9 @@ class FakeMemory(L.LightningModule):
         self.calls["reset"] += 1
         self.episodic_importance.zero_()
 
+    def prune_memory(self, fraction: float) -> int:
+        return prune_slots(self.episodic_importance, fraction, self.episodic_keys, self.episodic_values)
+
 
 class Recorder(Callback):
     """Copies the plain layer's weight after every optimizer step."""
@@ -107,7 +106,7 @@ def trainer(tmp_path, callbacks, steps, **kwargs) -> L.Trainer:
 def test_phases_follow_the_schedule_and_sleep_only_consolidates(tmp_path):
     module, rec = FakeMemory(), Recorder()
     cb = SleepWakeConsolidation(wake_steps=3, sleep_steps=2, consolidation_strength=0.5, replay_count=4,
-                                prune_fraction=0.0)
+                                sample_replay=True, prune_fraction=0.0)
     trainer(tmp_path, [cb, rec], 12).fit(module)
     assert cb.history == [(0, "wake"), (3, "sleep"), (5, "wake"), (8, "sleep"), (10, "wake")]
     assert (cb.sleeps, cb.phase, cb.phase_step) == (2, "wake", 2)
@@ -158,13 +157,22 @@ def test_setup_refuses_modules_without_the_protocol(tmp_path):
                                         r"MemoryConsolidator protocol, but ByteLM lacks `consolidate`"):
         trainer(tmp_path, [SleepWakeConsolidation()], 1).fit(ByteLM(dim=16, n_layers=1, heads=2, block_size=8))
 
+    class Unprunable(FakeMemory):
+        prune_memory = None
+
+    with pytest.raises(TypeError, match=r"SleepWakeConsolidation needs a module implementing the MemoryPrunable "
+                                        r"protocol, but Unprunable lacks `prune_memory`"):
+        trainer(tmp_path, [SleepWakeConsolidation(prune_fraction=0.25)], 1).fit(Unprunable())
+    trainer(tmp_path, [SleepWakeConsolidation(prune_fraction=0.0)], 1).fit(Unprunable())  # no pruning: not needed
+
     class OddSignature(FakeMemory):
         def consolidate(self, epochs: int) -> dict[str, float]:
             return {}
 
-    with pytest.raises(TypeError, match=r"OddSignature.consolidate\(steps=, lr=, max_items=\).*lacks steps, lr, "
-                                        r"max_items"):
-        trainer(tmp_path, [SleepWakeConsolidation()], 1).fit(OddSignature())
+    with pytest.raises(TypeError, match=r"OddSignature.consolidate\(steps=, lr=, max_items=, items=\) \(the "
+                                        r"MemoryConsolidator protocol\) raised TypeError: .*consolidate\(\) got an "
+                                        r"unexpected keyword argument 'steps'"):
+        trainer(tmp_path, [SleepWakeConsolidation(wake_steps=1)], 2).fit(OddSignature())
 
 
 @pytest.mark.parametrize(
@@ -250,7 +258,8 @@ def test_resume_mid_sleep_restores_the_replay_generator(tmp_path):
     def run(steps, ckpt_path=None, save=None):
         L.seed_everything(0)
         module = FakeMemory()
-        cb = SleepWakeConsolidation(wake_steps=2, sleep_steps=4, replay_count=3, prune_fraction=0.0, seed=5)
+        cb = SleepWakeConsolidation(wake_steps=2, sleep_steps=4, replay_count=3, sample_replay=True,
+                                    prune_fraction=0.0, seed=5)
         t = trainer(tmp_path, [cb], steps)
         t.fit(module, ckpt_path=ckpt_path)
         if save is not None:

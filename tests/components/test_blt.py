@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 import torch
 from torch import nn
 
+from neat_lightning.codec import encode
 from neat_lightning.components.blt import (
     BLTConfig,
     BLTProcessor,
+    PatchCrossAttention,
     decoder_mask,
+    default_patcher,
     encoder_mask,
     hash_ngram_ids,
     mean_pool,
     rolling_polynomial_hash,
 )
-from neat_lightning.components.patching import calibrate_threshold, next_byte_entropies, patch_ids_from_lengths
+from neat_lightning.components.entropy import next_byte_entropies
+from neat_lightning.components.patch_threshold import calibrate_threshold
+from neat_lightning.components.patching import PatcherConfig, patch_ids_from_lengths
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.codec import encode
 
 TEXT = "the cat sat on the mat; the dog ate 42 bones!! then it slept."
 LOCAL = dict(dim_local=16, heads_local=2, cross_heads=2, hash_vocab=61, window_local=8)
@@ -28,10 +34,20 @@ def entropy_lm() -> ByteTransformer:
     return ByteTransformer(TransformerConfig(dim=16, n_layers=1, heads=2, block_size=32))
 
 
+PATCHER_FIELDS = {f.name for f in fields(PatcherConfig)}
+
+
+def config(patching: str = "static", **kw) -> BLTConfig:
+    """A BLTConfig from flat keywords: PatcherConfig fields go to ``patcher`` (over BLT's defaults), the rest to BLT."""
+    patcher = {k: v for k, v in kw.items() if k in PATCHER_FIELDS}
+    rest = {k: v for k, v in kw.items() if k not in PATCHER_FIELDS}
+    return BLTConfig(patcher=replace(default_patcher(), mode=patching, **patcher), **rest)
+
+
 def processor(patching: str = "static", seed: int = 0, **kw) -> BLTProcessor:
     lm = entropy_lm() if patching == "entropy" else None
     torch.manual_seed(seed)
-    return BLTProcessor(BLTConfig(patching=patching, **{**LOCAL, **kw}), vocab_size=260, dim=32, entropy_model=lm)
+    return BLTProcessor(config(patching, **{**LOCAL, **kw}), vocab_size=260, dim=32, entropy_model=lm)
 
 
 class CausalLatent(nn.Module):
@@ -108,11 +124,11 @@ def test_logits_at_a_position_never_depend_on_later_bytes(patching):
     ids = text_ids()
     lengths = blt.patch_lengths(ids)
     assert 2 < int((lengths > 0).sum()) < ids.shape[1]  # real patches, not one per byte
-    base = blt(ids, latent)["logits"]
+    base = blt(ids, latent).logits
     for t in range(0, ids.shape[1], 5):
         changed = ids.clone()
         changed[0, t] = (changed[0, t] - 4 + 37) % 256 + 4
-        out = blt(changed, latent)["logits"]
+        out = blt(changed, latent).logits
         torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
         assert not torch.allclose(out[:, t], base[:, t])
 
@@ -124,9 +140,9 @@ def test_a_batch_equals_its_rows_run_alone():
     ids = torch.stack(rows)
     lengths = blt.patch_lengths(ids)
     assert (lengths > 0).sum(1).tolist()[0] != (lengths > 0).sum(1).tolist()[1]
-    batched = blt(ids, latent)["logits"]
+    batched = blt(ids, latent).logits
     for i in range(2):
-        torch.testing.assert_close(batched[i], blt(ids[i : i + 1], latent)["logits"][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[i], blt(ids[i : i + 1], latent).logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_adaptive_threshold_moves_only_when_asked_and_travels_in_the_state_dict():
@@ -175,9 +191,9 @@ def test_static_patches_and_padding_patches_give_finite_outputs():
     blt = processor("static", patch_size=8)
     ids = text_ids(2)
     out = blt(ids, CausalLatent())
-    assert out["lengths"][0].tolist() == [8] * 7 + [len(TEXT) - 56]
-    assert torch.isfinite(out["logits"]).all()
-    out["logits"].sum().backward()
+    assert out.lengths[0].tolist() == [8] * 7 + [len(TEXT) - 56]
+    assert torch.isfinite(out.logits).all()
+    out.logits.sum().backward()
     assert blt.embed.hash_embed.weight.grad is not None and blt.start.grad is not None
 
 
@@ -187,7 +203,7 @@ def test_static_patches_and_padding_patches_give_finite_outputs():
         (dict(target_boundary_ratio=0.5), r"target_boundary_ratio=0.5 must be in \[1/128, 1/8\]"),
         (dict(max_patch_length=200), r"max_patch_length=200 must be in \[1, 128\]"),
         (dict(max_patch_length=6), r"max_patch_length=6 is below the target mean patch size .*=10"),
-        (dict(patching="bpe"), r"patching='bpe' must be one of"),
+        (dict(mode="bpe"), r"mode='bpe' must be one of"),
         (dict(dim_local=18, heads_local=4), r"dim_local=18 must split into heads_local=4"),
         (dict(ngram_sizes=(3, 3)), r"ngram_sizes=\[3, 3\] must be distinct"),
         (dict(threshold=-1.0), r"threshold=-1.0 must be a finite number > 0"),
@@ -196,11 +212,11 @@ def test_static_patches_and_padding_patches_give_finite_outputs():
 )
 def test_bad_configs_are_refused_naming_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
-        BLTConfig(**kw)
+        config(kw.pop("mode", "entropy"), **kw)
 
 
 def test_entropy_patching_without_a_model_is_refused():
-    with pytest.raises(ValueError, match=r"patching='entropy' needs an entropy_model"):
+    with pytest.raises(ValueError, match=r"mode='entropy' needs an entropy_model"):
         BLTProcessor(BLTConfig(), vocab_size=260, dim=32)
     with pytest.raises(TypeError, match=r"config must be a BLTConfig, got dict"):
         BLTProcessor({"patching": "static"}, vocab_size=260, dim=32)
@@ -210,15 +226,32 @@ def test_ids_beyond_the_byte_codec_are_patches_of_their_own_and_stay_causal():
     """MVoT's image markers and visual codes (ids >= 260) never reach the 260-id entropy model."""
     lm = entropy_lm()
     torch.manual_seed(0)
-    cfg = BLTConfig(patching="entropy", adaptive=False, threshold=50.0, **LOCAL)  # no entropy starts at all
+    cfg = config("entropy", adaptive=False, threshold=50.0, **LOCAL)  # no entropy starts at all
     blt = BLTProcessor(cfg, vocab_size=270, dim=32, entropy_model=lm).eval()
     ids = text_ids()
     ids[0, 20:24] = torch.tensor([260, 265, 269, 261])  # BOI, two codes, EOI
     lengths = blt.patch_lengths(ids)
     assert lengths[0][lengths[0] > 0].tolist() == [20, 1, 1, 1, 1, len(TEXT) - 24]
     latent = CausalLatent()
-    base = blt(ids, latent)["logits"]
+    base = blt(ids, latent).logits
     assert base.shape[-1] == 270
     changed = ids.clone()
     changed[0, 22] = 262
-    torch.testing.assert_close(blt(changed, latent)["logits"][:, :22], base[:, :22], rtol=0, atol=1e-6)
+    torch.testing.assert_close(blt(changed, latent).logits[:, :22], base[:, :22], rtol=0, atol=1e-6)
+
+
+def test_blt_config_holds_a_patcher_config_with_the_one_default_threshold():
+    cfg = BLTConfig()
+    assert isinstance(cfg.patcher, PatcherConfig) and cfg.patcher.threshold == PatcherConfig().threshold
+    assert (cfg.patcher.mode, cfg.patcher.max_patch_length, cfg.patcher.patch_size) == ("entropy", 128, 8)
+    from dataclasses import asdict
+
+    stored = asdict(config("space", threshold=2.5, **LOCAL))  # checkpoints hold plain nested dicts
+    assert BLTConfig(**stored) == config("space", threshold=2.5, **LOCAL)
+    with pytest.raises(TypeError, match=r"BLTConfig.patcher must be a PatcherConfig, got int"):
+        BLTConfig(patcher=3)
+    with pytest.raises(ValueError, match=r"adaptive=True controls the global threshold, but patcher.rule='monotonic'"):
+        config("entropy", rule="monotonic")
+    blt = processor("static")
+    assert isinstance(blt.pool, PatchCrossAttention)
+    assert all(isinstance(c, PatchCrossAttention) for c in blt.decoder_cross)

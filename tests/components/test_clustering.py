@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neat_lightning.components.clustering import CosineKMeans, cluster_count, coordination_loss
+from neat_lightning.components.clustering import ClusteringConfig, CosineKMeans, cluster_count, coordination_loss
 
 
 def blobs(n_per=200, seed=0):
@@ -53,3 +53,11 @@ def test_coordination_loss_zero_when_aligned():
     ids = torch.tensor([0, 1, 2, 1])
     assert coordination_loss(c[ids] * 7, ids, c) == pytest.approx(0.0, abs=1e-6)
     assert coordination_loss(-c[ids], ids, c) == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kw, match", [({"n_clusters": 0}, "n_clusters=0 must be >= 1"),
+                                       ({"sample_size": 0}, "sample_size=0 must be >= 1"),
+                                       ({"coordination": -0.5}, "coordination=-0.5 must be >= 0")])
+def test_clustering_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ClusteringConfig(**kw)

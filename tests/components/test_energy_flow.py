@@ -4,20 +4,22 @@ import torch
 from neat_lightning.components.energy_flow import (
     EnergyFlow,
     EnergyFlowConfig,
+    drift_per_step,
     nearest_cell,
     respawn,
     spawn_carriers,
 )
+from neat_lightning.components.lattice import LatticeConfig
 
 
 def test_100k_carriers_are_created_vectorised_on_the_input_face():
-    cfg = EnergyFlowConfig(25, 50, 50, channels=4, carriers=100_000)
+    cfg, lattice = EnergyFlowConfig(carriers=100_000), LatticeConfig(25, 50, 50, channels=4)
     c = spawn_carriers(cfg, 2, generator=torch.Generator().manual_seed(0))
     assert c.position.shape == (2, 100_000, 3) and c.memory.shape == (2, 100_000, 5, 3)
     assert (c.position[..., 0] == -1).all() and c.position.abs().max() <= 1
     assert c.alive.all() and (c.energy == 1).all()
     # uniform over the face: every one of the 50x50 face cells gets carriers
-    assert nearest_cell(c.position[0], cfg.size).unique().numel() == 50 * 50
+    assert nearest_cell(c.position[0], lattice.size).unique().numel() == 50 * 50
 
 
 @pytest.mark.parametrize("size", [(5, 4, 7), (1, 3, 2), (10, 20, 20)])
@@ -35,15 +37,16 @@ def test_nearest_cell_by_rounding_equals_distance_search(size):
 
 def test_flow_is_finite_moves_within_limits_and_terminates_at_the_output_face():
     torch.manual_seed(0)
-    cfg = EnergyFlowConfig(6, 5, 5, channels=4, carriers=2000, steps=40, max_step=0.2, energy_decay=0.99)
-    flow = EnergyFlow(cfg)
+    cfg = EnergyFlowConfig(carriers=2000, max_step=0.2, energy_decay=0.99)
+    lattice = LatticeConfig(6, 5, 5, channels=4, steps=40)
+    flow = EnergyFlow(cfg, lattice)
     torch.nn.init.normal_(flow.move.weight, std=3.0)  # large learned moves: the clamps must hold
     cells = torch.zeros(2, 6 * 5 * 5, 4)
     cells[:, : 25] = torch.randn(2, 25, 4)
     c = spawn_carriers(cfg, 2, generator=torch.Generator().manual_seed(1))
-    limit = cfg.max_step * (1 + cfg.drift)
+    limit = cfg.max_step * (1 + flow.drift)
     with torch.no_grad():
-        for t in range(cfg.steps):
+        for t in range(lattice.steps):
             prev = c
             cells, c = flow.step(cells, c)
             assert torch.isfinite(cells).all() and torch.isfinite(c.hidden).all()
@@ -58,8 +61,8 @@ def test_flow_is_finite_moves_within_limits_and_terminates_at_the_output_face():
 
 def test_long_run_with_respawn_has_no_nan():
     torch.manual_seed(0)
-    cfg = EnergyFlowConfig(8, 10, 10, channels=4, carriers=1000)
-    flow = EnergyFlow(cfg)
+    cfg = EnergyFlowConfig(carriers=1000)
+    flow = EnergyFlow(cfg, LatticeConfig(8, 10, 10, channels=4))
     g = torch.Generator().manual_seed(0)
     cells = torch.randn(1, 800, 4)
     c = spawn_carriers(cfg, 1, generator=g)
@@ -72,8 +75,8 @@ def test_long_run_with_respawn_has_no_nan():
 
 def test_gradient_matches_finite_differences():
     torch.manual_seed(0)
-    cfg = EnergyFlowConfig(3, 2, 2, channels=2, carriers=4, carrier_dim=3, steps=3, memory=2)
-    flow = EnergyFlow(cfg).double()
+    cfg = EnergyFlowConfig(carriers=4, carrier_dim=3, memory=2)
+    flow = EnergyFlow(cfg, LatticeConfig(3, 2, 2, channels=2, steps=3)).double()
     torch.nn.init.normal_(flow.move.weight, std=0.1)
     face = torch.randn(1, 4, 2, dtype=torch.float64, requires_grad=True)
 
@@ -91,3 +94,8 @@ def test_bad_config():
         EnergyFlowConfig(energy_decay=1.5)
     with pytest.raises(ValueError, match="max_step=0 must be > 0"):
         EnergyFlowConfig(max_step=0)
+
+
+def test_drift_crosses_the_lattice_in_depth_minus_one_steps():
+    assert drift_per_step(6) == pytest.approx(0.4) and drift_per_step(1) == 2.0
+    assert EnergyFlow(EnergyFlowConfig(), LatticeConfig(depth=6)).drift == drift_per_step(6)

@@ -4,18 +4,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from neat_lightning.components.lattice import (
-    CrossAttention,
-    FaceDecoder,
-    FaceEncoder,
     LatticeConfig,
     LatticeRule,
-    PointwiseAdapter,
     activity_from_state,
     lattice_step,
     run_lattice,
-    sobel_laplacian_kernels,
     spectral_emergence,
 )
+from neat_lightning.components.lattice_stencils import sobel_laplacian_kernels
 from neat_lightning.components.plasticity import neighbour_offsets
 
 SIZE = (4, 3, 5)
@@ -65,12 +61,6 @@ def test_sobel_stencils_match_conv3d_and_depthwise_shapes():
     assert torch.allclose(got, ref, atol=1e-5)
     dw = LatticeRule(cfg(perception="depthwise"))
     assert dw.kernels(to_cells(x)).shape == (60, 2, 12)
-
-
-def test_laplacian_of_constant_interior_is_zero():
-    k = sobel_laplacian_kernels()
-    assert k.shape == (4, 3, 3, 3)
-    assert torch.allclose(k.sum((1, 2, 3)), torch.zeros(4), atol=1e-6)
 
 
 def test_step_is_pure_and_face_is_imposed():
@@ -138,52 +128,6 @@ def test_activity_is_in_unit_interval():
     assert a.shape == (10, 2) and (a >= 0).all() and (a < 1 + 1e-6).all()
 
 
-def test_encoder_spells_the_question_across_the_face():
-    torch.manual_seed(0)
-    enc = FaceEncoder(channels=3, height=3, width=4, dim=16, heads=2, max_len=6)  # 2 cells per byte
-    ids = torch.randint(4, 260, (2, 6))
-    ids[:, 4:] = 3
-    face = enc(ids, pad_id=3)
-    assert face.shape == (2, 12, 3)
-    assert torch.equal(enc(ids[:, :4], 3), face)  # trailing PAD writes nothing
-    changed = ids.clone()
-    changed[:, 3] = (changed[:, 3] + 1) % 256 + 4
-    diff = (enc(changed, 3) - face).abs().sum((0, 2))
-    assert (diff[:6] == 0).all() and (diff[6:8] > 0).all()  # causal: byte 3 changes cells 6, 7 only
-    with pytest.raises(ValueError, match="max_len=13 question bytes do not fit on a 3x4 face"):
-        FaceEncoder(channels=3, height=3, width=4, dim=16, heads=2, max_len=13)
-
-
-def test_decoder_shapes_and_causality():
-    torch.manual_seed(0)
-    dec = FaceDecoder(channels=3, n_cells=6, dim=16, heads=2, n_layers=1, max_len=8)
-    face = torch.randn(2, 6, 3)
-    logits = dec(torch.randint(0, 260, (2, 5)), dec.memory(face))
-    assert logits.shape == (2, 5, 260)
-    a = torch.randint(4, 260, (1, 5))
-    b = a.clone()
-    b[0, 4] = (b[0, 4] + 1) % 260
-    mem = dec.memory(face[:1])
-    assert torch.allclose(dec(a, mem)[0, :4], dec(b, mem)[0, :4], atol=1e-6)
-
-
-def test_cross_attention_respects_key_mask():
-    torch.manual_seed(0)
-    att = CrossAttention(8, 2)
-    x, mem = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
-    keep = torch.tensor([[True, True, False, False]])
-    mem2 = mem.clone()
-    mem2[:, 2:] = torch.randn(1, 2, 8)
-    assert torch.allclose(att(x, mem, keep), att(x, mem2, keep), atol=1e-6)
-
-
-def test_pointwise_adapter_matches_parameter_count():
-    rule = LatticeRule(LatticeConfig(channels=8, hidden=16))
-    n = sum(p.numel() for p in rule.parameters())
-    adapter = PointwiseAdapter(8, n)
-    assert abs(sum(p.numel() for p in adapter.parameters()) - n) <= 17  # within one hidden unit
-
-
 def test_spectral_emergence_plane_wave_vs_noise():
     z = torch.arange(8).float()
     wave = torch.cos(2 * torch.pi * z / 4)[:, None, None].expand(8, 8, 8)
@@ -192,17 +136,6 @@ def test_spectral_emergence_plane_wave_vs_noise():
     assert lam == pytest.approx(4.0)
     assert ent_wave < 0.2 < 0.8 < ent_noise <= 1.0
     assert spectral_emergence(torch.ones(4, 4, 4)) == (0.0, 0.0)
-
-
-def test_incremental_decoding_matches_full_forward():
-    torch.manual_seed(0)
-    dec = FaceDecoder(channels=3, n_cells=6, dim=16, heads=2, n_layers=2, max_len=8)
-    mem = dec.memory(torch.randn(2, 6, 3))
-    ids = torch.randint(4, 260, (2, 5))
-    full = dec(ids, mem)
-    caches, kvs = dec.make_caches(2, 5), dec.cross_keys_values(mem)
-    steps = torch.cat([dec(ids[:, t : t + 1], None, t, caches, kvs) for t in range(5)], dim=1)
-    assert torch.allclose(full, steps, atol=1e-5)
 
 
 def test_transport_init_carries_the_input_face_to_the_output_face():
@@ -239,20 +172,3 @@ def test_depth_taps_are_the_depth_neighbours():
 def test_transport_init_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         cfg(**kw)
-
-
-def test_rotary_cross_attention_sees_offsets_and_decodes_incrementally():
-    torch.manual_seed(0)
-    dec = FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=2, max_len=8, cell_stride=2)
-    mem = dec.memory(torch.randn(2, 12, 3))
-    ids = torch.randint(4, 260, (2, 5))
-    full = dec(ids, mem)
-    caches, kvs = dec.make_caches(2, 5), dec.cross_keys_values(mem)
-    steps = torch.cat([dec(ids[:, t : t + 1], None, t, caches, kvs) for t in range(5)], dim=1)
-    assert torch.allclose(full, steps, atol=1e-5)
-    cos, sin = dec.cell_rope()
-    assert torch.equal(cos[2 * 3], cos[2 * 3 + 1]) and not torch.equal(cos[0], cos[2])  # 2 cells per position
-    plain = FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=2, max_len=8)
-    assert plain.cell_rope() is None
-    with pytest.raises(ValueError, match="cell_stride=0 must be >= 1"):
-        FaceDecoder(channels=3, n_cells=12, dim=16, heads=2, n_layers=1, max_len=8, cell_stride=0)

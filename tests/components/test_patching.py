@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from neat_lightning.components import patching
+from neat_lightning.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
+from neat_lightning.components import entropy as entropy_module
+from neat_lightning.components import patch_threshold, patching
+from neat_lightning.components.entropy import entropy, next_byte_entropies
+from neat_lightning.components.patch_threshold import AdaptiveEntropyThreshold, calibrate_threshold
 from neat_lightning.components.patching import (
-    AdaptiveEntropyThreshold,
     Patcher,
     PatcherConfig,
-    calibrate_threshold,
     check_patch_lengths,
     combined_start_mask,
-    entropy,
     global_start_mask,
     monotonic_start_mask,
-    next_byte_entropies,
     patch_ids_from_lengths,
     patch_lengths_from_start_mask,
     patch_start_ids_from_start_mask,
@@ -31,7 +31,6 @@ from neat_lightning.components.patching import (
     static_start_mask,
 )
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
-from neat_lightning.codec import BOS_ID, EOS_ID, VOCAB_SIZE, encode
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -306,8 +305,9 @@ def test_patcher_entropy_mode(tiny_model):
         Patcher({"mode": "static"})
 
 
-def test_components_do_not_import_lightning():
-    tree = ast.parse(Path(patching.__file__).read_text())
+@pytest.mark.parametrize("module", [entropy_module, patching, patch_threshold], ids=lambda m: m.__name__)
+def test_components_do_not_import_lightning(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"lightning", "pytorch_lightning"}

@@ -140,3 +140,9 @@ def test_magnitude_pruning_reaches_sparsity_only_shrinks_and_is_deterministic():
     assert torch.equal(m70, magnitude_prune_mask(w, m20, 0.7))
     with pytest.raises(ValueError, match="sparsity=1.0 must be in"):
         magnitude_prune_mask(w, mask, 1.0)
+
+
+def test_config_names_a_known_initial_profile():
+    assert PlasticityConfig().profile == "discovery" and PlasticityConfig().enabled
+    with pytest.raises(ValueError, match="plasticity profile 'nap' is unknown; known profiles"):
+        PlasticityConfig(profile="nap")

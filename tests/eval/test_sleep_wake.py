@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from neat_lightning.commands.eval_sleep import main
 from neat_lightning.codec import decode
+from neat_lightning.commands.eval_sleep import main
 from neat_lightning.eval.sleep_wake import (
     RetentionConfig,
     config_with,
@@ -54,7 +55,7 @@ class Oracle(torch.nn.Module):
         for r in self.wrong:
             first = int((seg[r] > 0).nonzero()[0])
             logits[r, first] = logits[r, first].roll(1)
-        return {"logits": logits, "seg": seg}
+        return SimpleNamespace(logits=logits, seg=seg)  # the fields of NeatOutput that recall reads
 
 
 def test_recall_counts_whole_completions():

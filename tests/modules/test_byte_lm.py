@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from neat_lightning.data.bytes import ByteTextDataModule
-from neat_lightning.modules.byte_lm import ByteLM
+from neat_lightning.modules.byte_lm import ByteLM, NatsPerByte
 from neat_lightning.protocols import TextGenerator, missing_methods
 
 
@@ -51,6 +51,27 @@ def test_loss_ignores_pad_and_bpb_is_loss_over_ln2(tmp_path):
     t.fit(m, dm)
     metrics = t.validate(m, dm, verbose=False)[0]
     assert metrics["val/bpb"] == pytest.approx(metrics["val/loss"] / math.log(2), rel=1e-6)
+
+
+def test_nats_per_byte_weights_each_batch_by_its_bytes():
+    metric = NatsPerByte()
+    metric.update(torch.tensor(1.0), 3)
+    metric.update(torch.tensor(4.0), 1)
+    nats, count = metric.compute()
+    assert nats.dtype == torch.float64 and float(nats) == pytest.approx(7 / 4) and float(count) == 4
+
+
+def test_validation_loss_is_the_per_byte_mean_over_the_epoch(tmp_path):
+    """val/loss sums nats and bytes over every batch before dividing (not a mean of batch means)."""
+    m, dm = tiny(), data()
+    metrics = trainer(tmp_path, 1).validate(m, dm, verbose=False)[0]
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for batch in list(dm.val_dataloader())[:2]:  # limit_val_batches=2
+            loss, n = m.loss(batch)
+            nats, count = nats + float(loss) * n, count + n
+    assert metrics["val/loss"] == pytest.approx(nats / count, rel=1e-6)
+    assert metrics["val/bpb"] == pytest.approx(nats / count / math.log(2), rel=1e-6)
 
 
 def test_training_lowers_validation_loss(tmp_path):

@@ -10,16 +10,19 @@ from neat_lightning.callbacks.component_schedule import ComponentSchedule
 from neat_lightning.components.svf import svf_layers
 from neat_lightning.components.titans import TitansConfig
 from neat_lightning.data.math import TASK_TYPES, MathDataModule
-from neat_lightning.modules.neat import NeatModel, exact_match_counts
-from neat_lightning.protocols import ComponentSwitchable, MemoryConsolidator, TextGenerator
+from neat_lightning.modules.neat import NeatModel
+from neat_lightning.modules.neat_config import SVFConfig
+from neat_lightning.modules.neat_output import NeatOutput, exact_match_counts
+from neat_lightning.protocols import ComponentSwitchable, MemoryConsolidator, MemoryPrunable, TextGenerator
 
 TINY_TITANS = TitansConfig(dim_memory=8, chunk_size=8, persistent_tokens=2, memory_size=16, surprise_threshold=0.5)
 
 
-def tiny(seed: int = 0, **kw) -> NeatModel:
+def tiny(seed: int = 0, svf_kw: dict | None = None, **kw) -> NeatModel:
     torch.manual_seed(seed)
-    args = dict(dim=16, n_layers=2, heads=2, block_size=112, window=8, titans_config=TINY_TITANS, svf_rank=4,
-                dispatch_prefix=8, warmup_steps=2, active_components=[])
+    svf_config = SVFConfig(**{"rank": 4, "dispatch_prefix": 8, **(svf_kw or {})})
+    args = dict(dim=16, n_layers=2, heads=2, block_size=112, window=8, titans_config=TINY_TITANS,
+                svf_config=svf_config, warmup_steps=2, active_components=[])
     return NeatModel(**{**args, **kw})
 
 
@@ -40,8 +43,9 @@ def batch_ids(n: int = 3) -> torch.Tensor:
 
 def test_implements_the_protocols():
     model = tiny()
-    for protocol in (ComponentSwitchable, MemoryConsolidator, TextGenerator):
+    for protocol in (ComponentSwitchable, MemoryConsolidator, MemoryPrunable, TextGenerator):
         assert isinstance(model, protocol)
+    assert model.component_names() == ("titans", "svf")
     with pytest.raises(ValueError, match=r"unknown component 'blt'; this NeatModel has \['titans', 'svf'\]"):
         model.set_component_active("blt", True)
     with pytest.raises(ValueError, match=r"active_components: 'svf' is not a built component"):
@@ -87,14 +91,14 @@ def test_svf_training_moves_only_z_and_the_dispatcher(tmp_path):
 
 
 def test_svf_train_experts_trains_only_the_chosen_expert(tmp_path):
-    model = tiny(titans=False, active_components=["svf"], svf_train_experts=["arithmetic"])
+    model = tiny(titans=False, active_components=["svf"], svf_kw=dict(train_experts=["arithmetic"]))
     before = [layer.z.detach().clone() for layer in svf_layers(model.model)]
     trainer(tmp_path, 3).fit(model, tiny_data(tasks=["arithmetic", "algebra"]))
     after = [layer.z.detach() for layer in svf_layers(model.model)]
     moved = {i for b, a in zip(before, after) for i in range(len(b)) if not torch.equal(b[i], a[i])}
     assert moved == {TASK_TYPES.index("arithmetic")}
-    with pytest.raises(ValueError, match=r"svf_train_experts: 'poetry' is not an expert"):
-        tiny(svf_train_experts=["poetry"])
+    with pytest.raises(ValueError, match=r"SVFConfig.train_experts: 'poetry' is not an expert"):
+        tiny(svf_kw=dict(train_experts=["poetry"]))
 
 
 def fit(tmp_path, steps: int, resume=None, save_at: int | None = None) -> NeatModel:
@@ -187,3 +191,27 @@ def test_generate_text_is_greedy_and_streams_long_prompts(active):
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert out == model.generate_text(["Q: 1+1=?\n", long_prompt], max_new_bytes=6)
     assert model.training  # mode restored
+
+
+def test_consolidation_replays_a_given_draw_and_pruning_empties_the_least_important_slots(tmp_path):
+    model = tiny(active_components=["titans"])
+    trainer(tmp_path, 2).fit(model, tiny_data())
+    snap = model.memory_snapshot()
+    n = len(snap["importance"])
+    draw = {k: v[: n // 2] for k, v in snap.items()}  # a replay set in the snapshot's layout
+    report = model.consolidate(steps=3, lr=0.5, max_items=None, items=draw)
+    assert report["items"] == n // 2 and report["consolidation_loss_after"] < report["consolidation_loss"]
+    assert model.consolidation_loss(items={k: v[:0] for k, v in snap.items()}) is None  # nothing to replay
+    before = model.memory_snapshot()["importance"].sort().values
+    assert model.prune_memory(0.25) == n // 4
+    assert torch.equal(model.memory_snapshot()["importance"].sort().values, before[n // 4 :])  # the least went
+
+
+def test_loss_terms_returns_a_typed_output(tmp_path):
+    model = tiny(active_components=["titans", "svf"])
+    batch = tiny_data(batch_size=2).dataset("val").batch(0)
+    out = model.loss_terms(batch)
+    assert isinstance(out, NeatOutput)
+    assert out.logits.shape == (2, 112, 260) and out.nats.shape == out.valid.shape == out.seg.shape == (2, 112)
+    assert out.patch_lengths is None and out.mvot is None and out.dispatch_acc is not None
+    assert out.backbone.hidden.shape == (2, 112, 16)

@@ -3,20 +3,28 @@ threshold included), checkpoint rebuild, logged patch size, Titans + SVF over pa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from neat_lightning.components.blt import BLTConfig
+from neat_lightning.components.blt import BLTConfig, default_patcher
 from neat_lightning.components.titans import TitansConfig
 from neat_lightning.data.bytes import ByteTextDataModule
 from neat_lightning.modules.byte_lm import ByteLM
 from neat_lightning.modules.neat import NeatModel
+from neat_lightning.modules.neat_config import MVoTConfig, SVFConfig
 
 TINY_TITANS = TitansConfig(dim_memory=8, chunk_size=4, persistent_tokens=2, memory_size=16, surprise_threshold=0.5)
-TINY_BLT = BLTConfig(dim_local=16, heads_local=2, cross_heads=2, hash_vocab=31, window_local=16, threshold=3.0)
+TINY_BLT = BLTConfig(dim_local=16, heads_local=2, cross_heads=2, hash_vocab=31, window_local=16,
+                     patcher=replace(default_patcher(), threshold=3.0))
+
+
+def patched(mode: str) -> BLTConfig:
+    """TINY_BLT with another patching mode."""
+    return replace(TINY_BLT, patcher=replace(TINY_BLT.patcher, mode=mode))
 
 
 def trainer(tmp_path: Path, steps: int, **kw) -> L.Trainer:
@@ -70,15 +78,15 @@ def test_missing_entropy_model_checkpoint_names_the_field_and_the_command(tmp_pa
 
 def test_static_and_space_patching_need_no_entropy_model_and_run_titans_and_svf_over_patches():
     for patching in ("static", "space"):
-        cfg = BLTConfig(**{**TINY_BLT.__dict__, "patching": patching})
-        model = tiny(frontend="blt", blt_config=cfg, svf=True, svf_rank=2, dispatch_prefix=8,
-                     active_components=["titans", "svf"])
+        model = tiny(frontend="blt", blt_config=patched(patching), svf=True,
+                     svf_config=SVFConfig(rank=2, dispatch_prefix=8), active_components=["titans", "svf"])
         assert model.model.embed is None and model.model.head is None  # no unused byte embedding in the latent
         ids = torch.randint(4, 260, (2, 41))
         terms = model.loss_terms({"ids": ids, "task": torch.tensor([0, 1])})
-        assert terms["logits"].shape == (2, 40, 260) and torch.isfinite(terms["loss"])
-        assert terms["out"].hidden.shape == (2, 40, 32)  # latent states brought back to bytes
-        assert terms["out"].stats  # the memory ran over the patches
+        assert terms.logits.shape == (2, 40, 260) and torch.isfinite(terms.loss)
+        assert terms.backbone.hidden.shape == (2, 40, 32)  # latent states brought back to bytes
+        assert terms.backbone.stats  # the memory ran over the patches
+        assert torch.equal(terms.patch_lengths, model.patch_lengths(ids[:, :-1]))  # patched once, passed along
         assert len(model.generate(ids[0, :10], 3, stop_at_eos=False)) == 3
 
 
@@ -94,7 +102,7 @@ def test_resume_is_exact_including_the_adaptive_threshold(tmp_path, entropy_ckpt
 
     full, t_full = fit(4)
     assert "patch/mean_size" in t_full.callback_metrics and "patch/threshold" in t_full.callback_metrics
-    assert full.blt.controller.steps == 4 and full.blt.threshold != TINY_BLT.threshold
+    assert full.blt.controller.steps == 4 and full.blt.threshold != TINY_BLT.patcher.threshold
     half_path = tmp_path / "half.ckpt"
     fit(2, save=half_path)
     resumed, _ = fit(4, ckpt_path=half_path)
@@ -112,19 +120,18 @@ def test_resume_is_exact_including_the_adaptive_threshold(tmp_path, entropy_ckpt
 
 
 def test_blt_front_end_carries_mvot_visual_tokens(tmp_path):
-    from neat_lightning.data.multimodal import save_vqvae_checkpoint
-    from neat_lightning.modules import VQVAE
+    from neat_lightning.modules.vqvae import VQVAE, save_vqvae_checkpoint
 
     vq = save_vqvae_checkpoint(VQVAE(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4,
                                      kmeans_init=False), tmp_path / "vqvae.ckpt")
-    cfg = BLTConfig(**{**TINY_BLT.__dict__, "patching": "space"})
-    model = tiny(frontend="blt", blt_config=cfg, mvot=True, vqvae_ckpt=str(vq), active_components=["titans", "mvot"])
+    model = tiny(frontend="blt", blt_config=patched("space"), mvot=True, mvot_config=MVoTConfig(vqvae_ckpt=str(vq)),
+                 active_components=["titans", "mvot"])
     ids = torch.randint(4, 260, (2, 49))
     ids[:, 10], ids[:, 27] = 260, 261  # BOI, EOI around 16 visual codes
     ids[:, 11:27] = torch.randint(262, 262 + 128, (2, 16))
     lengths = model.patch_lengths(ids[:, :-1])
     assert (lengths == 1).sum() >= 2 * 18  # every marker and code is a patch of its own
     terms = model.loss_terms(ids)
-    assert terms["logits"].shape == (2, 48, 262 + 128) and terms["mvot"]["visual_total"] == 2 * 16
-    terms["loss"].backward()
+    assert terms.logits.shape == (2, 48, 262 + 128) and terms.mvot.visual_total == 2 * 16
+    terms.loss.backward()
     assert model.blt.embed.embed.weight.grad[262:].abs().sum() > 0  # visual rows of the BLT embedding learn

@@ -1,4 +1,5 @@
-"""VQVAE LightningModule: codebook API, bad input, metrics, image logging, checkpoints, resume, round trip."""
+"""VQVAE LightningModule: codebook API, bad input, metrics, image logging, checkpoints, resume, round trip; the VQ-VAE
+as the data's image tokenizer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from neat_lightning.data.grids import ImageDataModule, cells_from_images, render, sample_images
-from neat_lightning.modules.vqvae import VQVAE, comparison_grid, write_png
+from neat_lightning.codec import VisualVocab
+from neat_lightning.data.generators.grids import cells_from_images, render, sample_images
+from neat_lightning.data.grids import ImageDataModule
+from neat_lightning.modules.byte_lm import ByteLM
+from neat_lightning.modules.vqvae import (
+    VQVAE,
+    VQVAETokenizer,
+    check_tokenizer_matches,
+    comparison_grid,
+    save_vqvae_checkpoint,
+    write_png,
+)
+from neat_lightning.protocols import ImageTokenizer
 
 TINY = dict(channels=8, n_res_blocks=1, downsample=4, stem="patch", codebook_size=16, embed_dim=4, warmup_steps=2)
 
@@ -212,6 +224,63 @@ def test_resume_is_exact(tmp_path, extra: dict) -> None:
         assert torch.equal(loaded.encode(images), full.encode(images))
         assert torch.allclose(loaded.decode(loaded.encode(images)), full.decode(full.encode(images)))
         assert torch.allclose(loaded.codebook_distances(), full.codebook_distances())
+
+
+
+# -- the VQ-VAE as the data's image tokenizer ---------------------------------------------------------------------------
+
+
+def test_saved_checkpoint_loads_without_a_trainer(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = VQVAE(**TINY)
+    path = save_vqvae_checkpoint(model, tmp_path / "sub" / "vq.ckpt")
+    assert path.is_file() and not (tmp_path / "sub" / "vq.ckpt.tmp").exists()
+    loaded = VQVAE.load_from_checkpoint(path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert loaded.hparams.codebook_size == 16
+
+
+def test_tokenizer_from_a_checkpoint_is_the_frozen_vqvae(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = VQVAE(**TINY).eval()
+    tokenizer = VQVAETokenizer(str(save_vqvae_checkpoint(model, tmp_path / "vq.ckpt")))
+    assert isinstance(tokenizer, ImageTokenizer)
+    assert tokenizer.codebook_size == 16 and tokenizer.grid_shape(32) == (8, 8)
+    images, _ = sample_images(3, seed=5)
+    codes = tokenizer.encode(images)
+    assert codes.dtype == torch.long and codes.device.type == "cpu" and torch.equal(codes, model.encode(images))
+    assert not tokenizer.vqvae.training and not any(p.requires_grad for p in tokenizer.vqvae.parameters())
+    assert "vq.ckpt" in repr(tokenizer)
+
+
+def test_tokenizer_from_a_module_copies_it(tmp_path) -> None:
+    model = VQVAE(**TINY)
+    tokenizer = VQVAETokenizer.from_vqvae(model)
+    assert tokenizer.vqvae is not model and model.training and any(p.requires_grad for p in model.parameters())
+    assert not tokenizer.vqvae.training and tokenizer.ckpt_path is None
+    images, _ = sample_images(2, seed=6)
+    assert torch.equal(tokenizer.encode(images), model.encode(images))
+
+
+def test_tokenizer_checkpoint_errors_name_the_field(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"VQVAETokenizer ckpt_path='.*nope.ckpt': no such file"):
+        VQVAETokenizer(str(tmp_path / "nope.ckpt"))
+    L.seed_everything(0)
+    lm = ByteLM(dim=16, n_layers=1, heads=2, block_size=16)
+    trainer = _trainer(tmp_path, max_steps=0, limit_val_batches=0, enable_checkpointing=False)
+    trainer.strategy.connect(lm)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    with pytest.raises(ValueError, match=r"VQVAETokenizer ckpt_path='.*lm.ckpt'.* does not hold a loadable VQVAE"):
+        VQVAETokenizer(str(tmp_path / "lm.ckpt"))
+
+
+def test_tokenizer_mismatch_names_both_vocabularies() -> None:
+    check_tokenizer_matches(VisualVocab(16, (8, 8)), VisualVocab(16, (8, 8)))
+    with pytest.raises(ValueError, match=r"the data's image tokens VisualVocab\(codebook_size=16, grid=\(4, 4\).*"
+                                         r"do not match the model's VisualVocab\(codebook_size=16, grid=\(8, 8\)"):
+        check_tokenizer_matches(VisualVocab(16, (8, 8)), VisualVocab(16, (4, 4)))
+    with pytest.raises(ValueError, match=r"codebook_size=32.*codebook_size=16"):
+        check_tokenizer_matches(VisualVocab(16, (8, 8)), VisualVocab(32, (8, 8)))
 
 
 # -- round trip: the symbolic state survives encode -> decode ----------------------------------------------------------

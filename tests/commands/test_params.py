@@ -1,4 +1,5 @@
-"""`neat params`: parameters by component against the seeds' split; the 100M config meets its targets."""
+"""`neat params`: parameters by component against the 100M split 40/20/20/10/10 (latent/local/Titans/MVoT/other);
+the 100M config meets its targets."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def test_small_blt_config_counts_every_parameter_once(tmp_path, capsys):
     from neat_lightning.components.blt import BLTConfig
     from neat_lightning.components.titans import TitansConfig
 
-    cfg.update(entropy_model_ckpt=None, blt_config=BLTConfig(**{**cfg["blt_config"], "patching": "static"}),
-               titans_config=TitansConfig(**cfg["titans_config"]))
+    blt = cfg["blt_config"]
+    static = BLTConfig(**{**blt, "patcher": {**blt["patcher"], "mode": "static"}})
+    cfg.update(entropy_model_ckpt=None, blt_config=static, titans_config=TitansConfig(**cfg["titans_config"]))
     model = NeatModel(**cfg)
     assert rows["total"]["total"] == sum(p.numel() for p in model.parameters())
     assert rows["blt"]["total"] == sum(p.numel() for p in model.blt.parameters())
@@ -60,7 +62,7 @@ def vqvae_config(tmp_path: Path, **init_args) -> Path:
 def test_mvot_path_counts_its_visual_rows_decision_head_and_the_frozen_vqvae(tmp_path, capsys):
     tiny_vq = dict(channels=8, n_res_blocks=0, stem="patch", codebook_size=128, embed_dim=4, kmeans_init=False)
     code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_mvot.yaml"),
-                            "--model.init_args.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
+                            "--model.init_args.mvot_config.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
                             "--vqvae-config", str(vqvae_config(tmp_path, **tiny_vq)))
     assert code == 0, text
     rows = {r["component"]: r for r in table["rows"]}
@@ -77,19 +79,20 @@ def test_mvot_path_counts_its_visual_rows_decision_head_and_the_frozen_vqvae(tmp
 
 
 @pytest.mark.slow
-def test_100m_config_meets_the_seed_split(tmp_path, capsys):
+def test_100m_config_meets_the_40_20_20_10_10_split(tmp_path, capsys):
     entropy = ByteLM(dim=368, n_layers=6, heads=8, block_size=512, window=512, tie_weights=False)
     ckpt = save_untrained(entropy, tmp_path / "entropy.ckpt")
     code, table, text = run(tmp_path, capsys, "--config", str(REPO / "configs/neat_100m.yaml"),
                             "--model.init_args.entropy_model_ckpt", ckpt,
-                            "--model.init_args.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
+                            "--model.init_args.mvot_config.vqvae_ckpt", str(tmp_path / "missing.ckpt"),
                             "--vqvae-config", str(REPO / "configs/vqvae.yaml"))
     assert code == 0, text
     rows = {r["component"]: r for r in table["rows"]}
     for name in (*COMPONENTS, "total"):
         assert abs(rows[name]["deviation_pct"]) <= 10.0, rows[name]
     # MVoT: the trained part alone (visual rows of the BLT embedding / head, decision head) also meets its target;
-    # the frozen part is the seed-sized VQ-VAE of configs/vqvae.yaml, the rest of the model's frozen part the entropy LM
+    # the frozen part is the VQ-VAE of configs/vqvae.yaml (K 8192 x 512), the rest of the model's frozen part the
+    # entropy LM
     assert abs(rows["mvot"]["trainable"] - 10e6) <= 1e6, rows["mvot"]
     from neat_lightning.modules import VQVAE
 
@@ -100,12 +103,23 @@ def test_100m_config_meets_the_seed_split(tmp_path, capsys):
     assert "MVoT visual path includes the frozen VQ-VAE" in text and "frozen BLT entropy model" in text
 
 
-def test_gpu_config_is_the_100m_config_with_a_ddp_trainer():
-    base = yaml.safe_load((REPO / "configs/neat_100m.yaml").read_text())
+def test_gpu_config_is_a_ddp_trainer_overlay_on_the_100m_config(capsys):
     gpu = yaml.safe_load((REPO / "configs/neat_100m_gpu.yaml").read_text())
-    assert gpu["model"] == base["model"] and gpu["data"] == base["data"]
-    assert gpu["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
-    assert gpu["trainer"]["precision"] == "bf16-mixed" and gpu["trainer"]["accelerator"] == "gpu"
+    assert set(gpu) == {"run_name", "trainer"}  # an overlay: model and data come from neat_100m.yaml
+    from neat_lightning.cli import NeatCLI
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # --print_config prints the merged config and exits
+        NeatCLI(args=["fit", "--config", str(REPO / "configs/neat_100m.yaml"), "--config",
+                      str(REPO / "configs/neat_100m_gpu.yaml"), "--print_config"])
+    merged = yaml.safe_load(capsys.readouterr().out)
+    base = yaml.safe_load((REPO / "configs/neat_100m.yaml").read_text())
+    assert merged["model"]["init_args"]["dim"] == base["model"]["init_args"]["dim"]
+    assert merged["data"]["init_args"]["batch_size"] == base["data"]["init_args"]["batch_size"]
+    assert merged["trainer"]["strategy"] == "ddp_find_unused_parameters_true"
+    assert merged["trainer"]["precision"] == "bf16-mixed" and merged["trainer"]["accelerator"] == "gpu"
+    assert merged["trainer"]["max_steps"] == base["trainer"]["max_steps"] and merged["run_name"] == "neat_100m_gpu"
+    assert [c["class_path"] for c in merged["trainer"]["callbacks"]] == ["neat_lightning.callbacks.ComponentSchedule"]
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert gpu["trainer"]["strategy"] in StrategyRegistry
@@ -118,10 +132,10 @@ def test_gpu_config_is_the_100m_config_with_a_ddp_trainer():
         (["--config", "configs/neat_blt.yaml", "--trainer.max_steps", "3"], r"unknown option '--trainer.max_steps'"),
         (["--config", "configs/neat_blt.yaml", "--target", "svf=3"], r"--target 'svf=3': expected NAME=N"),
         (["--config", "configs/neat_blt.yaml", "--model.init_args.frontend", "tokens"], r"cannot build the model"),
-        (["--config", "configs/neat_mvot.yaml", "--model.init_args.vqvae_ckpt", "missing.ckpt"],
+        (["--config", "configs/neat_mvot.yaml", "--model.init_args.mvot_config.vqvae_ckpt", "missing.ckpt"],
          r"--vqvae-config 'configs/vqvae.yaml': codebook_size=8192, but the model has visual_vocab_size=128"),
-        (["--config", "configs/neat_mvot.yaml", "--model.init_args.vqvae_ckpt", "missing.ckpt", "--vqvae-config",
-          "nowhere.yaml"], r"vqvae_ckpt not found and --vqvae-config: no such file: 'nowhere.yaml'"),
+        (["--config", "configs/neat_mvot.yaml", "--model.init_args.mvot_config.vqvae_ckpt", "missing.ckpt",
+          "--vqvae-config", "nowhere.yaml"], r"vqvae_ckpt not found and --vqvae-config: no such file: 'nowhere.yaml'"),
     ],
 )
 def test_bad_arguments_fail_with_a_clear_message(argv, match, capsys, monkeypatch):

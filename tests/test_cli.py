@@ -1,11 +1,15 @@
-"""The `neat` CLI end to end, in subprocesses: fit, validate, resume, help, repeated runs, DDP."""
+"""The `neat` CLI (`neat_lightning/cli.py`): fit, validate, resume, help, repeated runs and DDP end to end in
+subprocesses; one-line error reports in process."""
 
 import csv
+import re
+import sys
 
 import pytest
 import torch
 
 from neat_lightning.modules.byte_lm import ByteLM
+from tests.commands.test_convert_ckpt import RenamedLM
 from tests.conftest import neat
 
 CONSTANT_LR = ["--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.003"]
@@ -100,3 +104,65 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_config):
     ckpt = torch.load(tmp_path / "runs/tiny/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
     assert last(metrics(tmp_path / "runs" / "tiny"), "val/bpb") > 0
+
+
+# -- one-line errors (neat_lightning.cli.main) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message, line", [
+    ('Parser key "trainer.max_steps":\n  Expected a <class \'int\'>. Got value: abc',
+     "--trainer.max_steps: Expected int. Got value: abc"),
+    ('Parser key "model":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class \'x\'>]\n'
+     '  Errors:\n    - Problem with given class_path \'neat_lightning.modules.ByteLM\':\n        Parser key "dim":\n'
+     "          Expected a <class 'int'>. Got value: wide\n    - Expected a <class 'NoneType'>\n"
+     "  Given value type: <class 'str'>\n  Given value: wide",
+     "--model.init_args.dim (neat_lightning.modules.ByteLM): Expected int. Got value: wide"),
+    ('Parser key "model":\n\n  - Expected a path but a.B either not accessible or invalid\n  - Does not validate '
+     "against any of the Union subtypes\n  Errors:\n    - Problem with given class_path 'a.B':\n"
+     "        module 'a' has no attribute 'B'",
+     "--model (a.B): module 'a' has no attribute 'B'"),
+    ("unrecognized arguments: --trainer.max_stepz 3", "unrecognized arguments: --trainer.max_stepz 3"),
+])
+def test_parser_messages_condense_to_the_option_and_the_rule(message, line):
+    from neat_lightning.cli import condense_parser_message
+
+    assert condense_parser_message(message) == line
+
+
+class FailsInTrainingStep(ByteLM):
+    def training_step(self, batch, batch_idx):
+        raise ValueError("raised by training_step")
+
+
+def test_an_error_once_the_loop_runs_keeps_its_traceback(tmp_path, tiny_config, monkeypatch):
+    """Only errors raised while parsing, building and setting up are the user's input; later ones propagate."""
+    from neat_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEAT_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    config = tiny_config()
+    config.write_text(config.read_text().replace("neat_lightning.modules.ByteLM", f"{__name__}.FailsInTrainingStep"))
+    with pytest.raises(ValueError, match="raised by training_step"):
+        main(["fit", "--config", str(config)])
+
+
+def test_an_older_checkpoint_whose_arguments_changed_names_the_conversion(tmp_path, tiny_config, capsys, monkeypatch):
+    """LightningCLI reads --ckpt_path's hyperparameters into the config: old names are caught first."""
+    from neat_lightning.cli import main
+    from tests.commands.test_convert_ckpt import save_format_1
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEAT_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    old = save_format_1(RenamedLM, tmp_path / "old.ckpt", rename=True)
+    checkpoint = torch.load(old, weights_only=False)
+    checkpoint["hyper_parameters"]["_class_path"] = f"{RenamedLM.__module__}.RenamedLM"
+    torch.save(checkpoint, old)
+    config = tiny_config()
+    config.write_text(config.read_text().replace("neat_lightning.modules.ByteLM", f"{RenamedLM.__module__}.RenamedLM"))
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"--ckpt_path: checkpoint '.*old.ckpt' is format 1; RenamedLM's arguments changed since "
+                     r"\(hyperparameter width -> dim\). Convert it once: neat convert-ckpt .*old.ckpt NEW.ckpt --model "
+                     r"tests.commands.test_convert_ckpt.RenamedLM", err), err

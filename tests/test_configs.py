@@ -7,8 +7,10 @@ import yaml
 
 from neat_lightning.cli import NeatCLI, configure_process, import_all_callbacks
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+# a trainer overlay adds to its base config (`--config base --config overlay`) and runs on top of it
+OVERLAYS = {"neat_100m_gpu.yaml": "neat_100m.yaml"}
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*.yaml") if c.name not in OVERLAYS)
 FRAGMENTS = sorted((REPO / "callbacks").glob("*.yaml"))
 # configs whose full batch is too slow for one CPU step in CI: a small batch still runs every code path
 # (the BLT entropy model is ~100M parameters in bf16-mixed, which the CPU emulates: 0.6 TFLOP per 512-byte row)
@@ -23,14 +25,15 @@ OVERRIDES = {
                      "--data.init_args.max_val_pairs", "8"],
     # checkpoints the configs name (runs/...) do not exist on a clean clone: the `checkpoints` fixture makes tiny ones
     "neat_blt.yaml": ["--data.init_args.batch_size", "1", "--model.init_args.entropy_model_ckpt", "{entropy_ckpt}"],
-    "neat_mvot.yaml": ["--model.init_args.vqvae_ckpt", "{vqvae_ckpt}"],
+    "neat_mvot.yaml": ["--model.init_args.mvot_config.vqvae_ckpt", "{vqvae_ckpt}",
+                       "--data.init_args.tokenizer.init_args.ckpt_path", "{vqvae_ckpt}"],
     # ~100M parameters: one short fp32 row with static patching still runs every component's code path
-    **{name: ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "256",
-              "--model.init_args.block_size", "256", "--trainer.precision", "32-true",
-              "--model.init_args.blt_config.patching", "static", "--model.init_args.vqvae_ckpt", "{vqvae_8192_ckpt}"]
-       for name in ("neat_100m.yaml", "neat_100m_gpu.yaml")},
+    "neat_100m.yaml": ["--data.init_args.batch_size", "1", "--data.init_args.block_size", "256",
+                       "--model.init_args.block_size", "256", "--trainer.precision", "32-true",
+                       "--model.init_args.blt_config.patcher.mode", "static",
+                       "--model.init_args.mvot_config.vqvae_ckpt", "{vqvae_8192_ckpt}"],
 }
-SLOW = {"neat_100m.yaml", "neat_100m_gpu.yaml"}
+SLOW = {"neat_100m.yaml"}
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +42,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     import lightning as L
 
     from neat_lightning.data import ByteTextDataModule
-    from neat_lightning.data.multimodal import save_vqvae_checkpoint
     from neat_lightning.modules import VQVAE, ByteLM
+    from neat_lightning.modules.vqvae import save_vqvae_checkpoint
 
     root = tmp_path_factory.mktemp("frozen")
     L.seed_everything(0)
@@ -83,6 +86,15 @@ def test_config_runs_fast_dev_run(config, tmp_path, monkeypatch, checkpoints):
     monkeypatch.chdir(tmp_path)
     cli = fast_dev_run([config], tmp_path, overrides(config.name, checkpoints))
     assert cli.trainer.global_step == 1, f"{config.name} did not take a training step"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_runs_fast_dev_run_on_its_base(overlay, tmp_path, monkeypatch, checkpoints):
+    monkeypatch.chdir(tmp_path)
+    base = REPO / "configs" / OVERLAYS[overlay]
+    cli = fast_dev_run([base, REPO / "configs" / overlay], tmp_path, overrides(base.name, checkpoints))
+    assert cli.trainer.global_step == 1, f"{overlay} on {base.name} did not take a training step"
 
 
 def test_configs_are_plain_yaml_with_class_paths():
