@@ -127,6 +127,12 @@ def test_wake_learning_continues_in_sleep_when_not_paused(tmp_path):
 
 
 def test_consolidation_trains_the_neat_memory_with_real_gradients(tmp_path):
+    """Three consolidation steps lower the consolidation loss.
+
+    Margin, measured on a 2-core AMD EPYC (AVX2) with seed offsets 0-2 (``NEAT_TEST_SEED_OFFSET``) under
+    ``OMP_NUM_THREADS=1`` and ``=2``: after/before = 0.945 / 0.827 / 0.940, identical at both thread counts, so the
+    strict ``<`` holds with >= 5.5% to spare.
+    """
     L.seed_everything(0)
     model, data = tiny_neat(), tiny_math()
     cb = SleepWakeConsolidation(wake_steps=2, sleep_steps=3, consolidation_strength=0.5, consolidation_steps=3,

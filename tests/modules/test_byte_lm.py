@@ -75,6 +75,11 @@ def test_validation_loss_is_the_per_byte_mean_over_the_epoch(tmp_path):
 
 
 def test_training_lowers_validation_loss(tmp_path):
+    """40 steps lower validation loss by more than 1 nat.
+
+    Margin, measured on a 2-core AMD EPYC (AVX2) with seed offsets 0-2 (``NEAT_TEST_SEED_OFFSET``) under
+    ``OMP_NUM_THREADS=1`` and ``=2``: the drop is 1.806 / 1.848 / 1.867 nats, identical at both thread counts.
+    """
     L.seed_everything(0)
     m, dm = tiny(learning_rate=1e-2), data(batches_per_epoch=40)
     t = trainer(tmp_path, 40)
