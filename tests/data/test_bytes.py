@@ -1,5 +1,6 @@
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -179,3 +180,231 @@ def test_validation_pairs_are_held_out_prefixes_and_continuations():
     val_text = dm.val_bytes().decode("utf-8", errors="replace")
     for prompt, reference in pairs:
         assert prompt and reference and (prompt + reference) in val_text
+
+
+# -- built-in corpora and what a run records about its corpus ---------------------------------------------------------
+
+
+def test_builtin_corpus_by_name_splits_whole_modules_and_logs_size_and_hash(caplog):
+    from neat_lightning.data.generators.corpus import builtin_sha256
+
+    dm = ByteTextDataModule(builtin="stdlib_code", block_size=16)
+    with caplog.at_level("INFO", logger="neat_lightning.data.bytes"):
+        dm.setup()
+    docs = {d.name: d.data for d in builtin_documents("stdlib_code")}
+    assert dm.corpus.origin == "builtin=stdlib_code" and dm.corpus.documents == len(docs)
+    assert dm.corpus.bytes == sum(map(len, docs.values())) and dm.corpus.sha256 == builtin_sha256("stdlib_code")
+    assert all(docs[d.name] == d.data for d in dm.val_docs)  # whole modules, never a part of one
+    assert {d.name for d in dm.val_docs}.isdisjoint(d.name for d in dm.train_docs)
+    assert dm.corpus.sha256 in caplog.text and f"{dm.corpus.bytes} bytes" in caplog.text
+    assert dm.state_dict() == {"corpus": {"origin": "builtin=stdlib_code", "documents": len(docs),
+                                          "bytes": dm.corpus.bytes, "sha256": dm.corpus.sha256}}
+    with pytest.raises(ValueError, match=r"builtin='wiki' is not a built-in corpus"):
+        ByteTextDataModule(builtin="wiki")
+
+
+def test_corpus_goes_to_the_logger_and_the_checkpoint_and_a_changed_corpus_warns(tmp_path, caplog):
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    from neat_lightning.modules import ByteLM
+
+    dm = ByteTextDataModule(block_size=16, batch_size=2, batches_per_epoch=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, enable_progress_bar=False,
+                        enable_model_summary=False, logger=CSVLogger(tmp_path), default_root_dir=tmp_path)
+    trainer.fit(ByteLM(dim=32, n_layers=1, heads=2, block_size=16), dm)
+    hparams = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text())
+    assert hparams["corpus_sha256"] == dm.corpus.sha256 and hparams["corpus_bytes"] == dm.corpus.bytes
+    ckpt = torch.load(next((tmp_path / "lightning_logs").rglob("*.ckpt")), weights_only=False)
+    assert ckpt["ByteTextDataModule"]["corpus"]["sha256"] == dm.corpus.sha256
+
+    other = ByteTextDataModule(builtin="stdlib_code", block_size=16)
+    other.load_state_dict(ckpt["ByteTextDataModule"])  # before setup, as a resumed fit restores it after
+    with caplog.at_level("WARNING", logger="neat_lightning.data.bytes"):
+        other.setup()
+    assert "the checkpoint was trained on builtin=pydoc_topics" in caplog.text and "batches differ" in caplog.text
+
+
+# -- byte stores on disk (`neat prepare`) ----------------------------------------------------------------------------
+
+
+def make_files(root, n=14):
+    """``n`` text files of very different sizes (some shorter than a window), one of them not UTF-8."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        body = (f"file {i}: " + "some words of text " * (i * i + 1)).encode()
+        write(root / f"doc{i:02d}.txt", body if i != 3 else body + bytes(range(256)))
+    return str(root / "*.txt")
+
+
+def make_store(tmp_path, pattern, name="store", shard_bytes=1000):
+    from neat_lightning.commands.prepare import prepare_store
+
+    prepare_store(tmp_path / name, input=[pattern], shard_bytes=shard_bytes)
+    return str(tmp_path / name)
+
+
+def both(pattern, store, **kw):
+    kw = {"block_size": 24, "batch_size": 5, "batches_per_epoch": 7, "val_fraction": 0.3, **kw}
+    memory, disk = ByteTextDataModule(train_files=[pattern], **kw), ByteTextDataModule(data_dir=store, **kw)
+    memory.setup()
+    disk.setup()
+    return memory, disk
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_store_gives_the_windows_of_its_files_in_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names are paths as given: the same relative glob for both
+    make_files(tmp_path / "corpus")
+    pattern = "corpus/*.txt"
+    store = make_store(tmp_path, pattern)
+    memory, disk = both(pattern, store)
+    assert memory.corpus.sha256 == disk.corpus.sha256 and memory.corpus.bytes == disk.corpus.bytes
+    assert [d.name for d in memory.val_docs] == [d.name for d in disk.val_docs]
+    assert list(memory.val_docs) == list(disk.val_docs) and memory.val_bytes() == disk.val_bytes()
+    assert len(memory.train_stream) == len(disk.train_stream)
+    for dm in (memory, disk):  # second epoch, rank 1 of 2: still the same windows
+        dm.trainer = SimpleNamespace(global_rank=1, world_size=2, global_step=7, accumulate_grad_batches=1)
+    assert same(list(memory.train_dataloader()), list(disk.train_dataloader()))
+    assert same(list(memory.val_dataloader()), list(disk.val_dataloader()))
+    assert memory.validation_pairs(4) == disk.validation_pairs(4)
+    disk.num_workers = 2  # the store travels to loader workers by path
+    assert same(list(memory.train_dataloader()), list(disk.train_dataloader()))
+
+
+def test_a_store_of_one_document_splits_by_bytes_like_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "one.txt", "a single long document. " * 100)
+    memory, disk = both("one.txt", make_store(tmp_path, "one.txt", shard_bytes=333))
+    assert [d.name for d in disk.val_docs] == ["one.txt[val]"] and disk.train_docs[0].name == "one.txt[train]"
+    assert disk.train_docs[0].data + disk.val_docs[0].data == (tmp_path / "one.txt").read_bytes()
+    assert same(list(memory.train_dataloader()), list(disk.train_dataloader()))
+    assert same(list(memory.val_dataloader()), list(disk.val_dataloader()))
+
+
+def test_a_store_with_val_files_trains_on_every_document(tmp_path):
+    store = make_store(tmp_path, make_files(tmp_path / "corpus", n=4))
+    val = write(tmp_path / "val.txt", "held out " * 30)
+    dm = ByteTextDataModule(data_dir=store, val_files=[val], block_size=16, batch_size=2)
+    dm.setup()
+    assert len(dm.train_docs) == 4 and dm.val_bytes() == b"held out " * 30
+
+
+def test_a_store_keeps_an_index_in_ram_not_the_bytes(tmp_path):
+    from neat_lightning.data.byte_store import StoreDocuments
+    from neat_lightning.data.id_streams import SegmentIds
+
+    store = make_store(tmp_path, make_files(tmp_path / "corpus"))
+    dm = ByteTextDataModule(data_dir=store, block_size=16)
+    dm.setup()
+    assert isinstance(dm.train_docs, StoreDocuments) and isinstance(dm.train_stream, SegmentIds)
+    stream = dm.train_stream
+    index_bytes = stream.starts.nbytes + stream.lengths.nbytes + stream.bounds.nbytes
+    assert index_bytes <= 8 * (3 * len(dm.train_docs) + 1) < dm.corpus.bytes / 10
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_mid_epoch_on_a_store_reproduces_the_uninterrupted_run(tmp_path):
+    """8 steps == 3 steps (mid-epoch: epochs are 5 batches), checkpoint, resume to 8; windows read from a store."""
+    from neat_lightning.modules import ByteLM
+
+    store = make_store(tmp_path, make_files(tmp_path / "corpus"))
+
+    def run(ckpt_path=None, stop=None, root="a"):
+        L.seed_everything(5)
+        model = ByteLM(dim=32, n_layers=1, heads=2, block_size=24, warmup_steps=2, dropout=0.1)
+        dm = ByteTextDataModule(data_dir=store, block_size=24, batch_size=3, batches_per_epoch=5)
+        trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, deterministic=True, default_root_dir=tmp_path / root,
+                            num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=4,
+                            check_val_every_n_epoch=None, callbacks=[StopAt(stop)] if stop else [])
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, trainer
+
+    full, _ = run(root="full")
+    half, t_half = run(stop=3, root="half")
+    assert t_half.global_step == 3
+    t_half.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, t_resumed = run(ckpt_path=tmp_path / "half.ckpt", root="resumed")
+    assert t_resumed.global_step == 8
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(half.model.embed.weight, full.model.embed.weight)
+
+
+DDP_STORE_SCRIPT = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import lightning as L, torch
+from lightning.pytorch.callbacks import Callback
+sys.path.insert(0, {repo!r})
+from neat_lightning.data.bytes import ByteTextDataModule
+from neat_lightning.modules import ByteLM
+
+
+class Record(Callback):
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append(batch.tolist())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch.tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
+            json.dump({{"train": self.train, "val": self.val}}, f)
+
+
+L.seed_everything(0)
+model = ByteLM(dim=32, n_layers=1, heads=2, block_size=16, warmup_steps=2)
+data = ByteTextDataModule(data_dir={store!r}, block_size=16, batch_size=2, batches_per_epoch=3)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, num_sanity_val_steps=0,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    val_check_interval=4, check_val_every_n_epoch=None, callbacks=[Record()])
+trainer.fit(model, data)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_distinct_windows_from_a_store(tmp_path):
+    """2 CPU processes on a store: rank r's batch k is RandomWindowBatches(seed, k, r), ranks differ, and the
+    validation windows are dealt between ranks without overlap and cover the split once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    store = make_store(tmp_path, make_files(tmp_path / "corpus"))
+    script = tmp_path / "ddp_store.py"
+    repo = str(Path(__file__).resolve().parents[2])
+    script.write_text(textwrap.dedent(DDP_STORE_SCRIPT.format(repo=repo, out=str(tmp_path), store=store)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    dm = ByteTextDataModule(data_dir=store, block_size=16, batch_size=2, batches_per_epoch=3)
+    dm.setup()
+    for r, seen in enumerate(ranks):
+        expected = RandomWindowBatches(dm.train_stream, 16, 2, 3, dm.seed)
+        expected.rank = r
+        assert seen["train"] == [expected.batch(k).tolist() for k in range(4)]
+    assert not any(a == b for a, b in zip(ranks[0]["train"], ranks[1]["train"]))
+    val_windows = [tuple(w) for rank in ranks for batch in rank["val"] for w in batch]
+    every = [tuple(w) for batch in SequentialWindowBatches(dm.val_stream, 16, 2) for w in batch.tolist()]
+    assert sorted(val_windows) == sorted(every)
