@@ -177,7 +177,8 @@ def checkpoint_class_mismatch(checkpoint: dict[str, Any], model_path: str, data_
         if held is None:
             unknown = sorted(names - set(inspect.signature(configured.__init__).parameters))
             return (f"{source} holds a module with hyperparameters {', '.join(unknown)} that the config's model "
-                    f"{_short(model_path)} ({model_path}) does not take. Use the config the checkpoint was trained with")
+                    f"{_short(model_path)} ({model_path}) does not take. Use the config the checkpoint was trained "
+                    "with")
     if _same_class(held, model_path):
         return None
     trained_data = (checkpoint.get("datamodule_hyper_parameters") or {}).get("_class_path")
@@ -316,18 +317,19 @@ class NeatCLI(LightningCLI):
 # -- one-line error reports ----------------------------------------------------------------------------------------
 
 _PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
-                 "Given value:", "Expected a <class 'NoneType'>")
+                 "Expected a <class 'NoneType'>")
 
 
 def condense_parser_message(message: str) -> str:
-    """jsonargparse's nested error text -> ``--model.init_args.dim (ByteLM): Expected a <class 'int'>. Got value: x``.
+    """jsonargparse's nested error text -> ``--model.init_args.dim=x (ByteLM): Expected int. Got value: x``.
 
     The nesting (``Parser key "model":`` / ``Problem with given class_path 'X':`` / ``Parser key "dim":``) becomes
-    the option's dotted name; the alternatives of optional types (``Expected a <class 'NoneType'>``) are dropped.
+    the option's dotted name, followed by the value given when the message does not already show it; the
+    alternatives of optional types (``Expected a <class 'NoneType'>``) are dropped.
     """
     path: list[str] = []
     details: list[str] = []
-    class_path, pending_class = None, False
+    class_path, pending_class, given = None, False, None
     for raw in message.splitlines():
         line = raw.strip().removeprefix("- ").strip()
         if not line or line.startswith(_PARSER_NOISE):
@@ -339,14 +341,23 @@ def condense_parser_message(message: str) -> str:
                 details.append(m[2])
         elif m := re.fullmatch(r"Problem with given class_path '(.+)':", line):
             class_path, pending_class = m[1], True
+        elif m := re.fullmatch(r"Given value: NestedArg\(key='(.+?)', val='(.*)'\)", line):
+            if not path or path[-1] != m[1]:  # an option of a class: --model.init_args.KEY
+                path += (["init_args"] if pending_class else []) + [m[1]]
+            given = m[2]
+        elif m := re.fullmatch(r"Given value: (.*)", line):
+            given = None if m[1].startswith(("Namespace(", "{", "[")) else m[1]
         else:
             details.append(line)
     if len(details) > 1:  # "--model accepts a config file path" is an alternative the user did not mean
         details = [d for d in details if not d.startswith("Expected a path but")] or details
+    text = "; ".join(dict.fromkeys(details)) or "invalid value"
+    text = re.sub(r"Expected a <class '([\w.]+)'>", r"Expected \1", text)
     field = f"--{'.'.join(path)}" if path else ""
+    if field and given is not None and given != class_path and f"value: {given}" not in text:
+        field += f"={given}"
     if field and class_path:
         field += f" ({class_path})"
-    text = re.sub(r"Expected a <class '([\w.]+)'>", r"Expected \1", "; ".join(dict.fromkeys(details)) or "invalid value")
     return f"{field}: {text}" if field else text
 
 
@@ -363,11 +374,12 @@ def _innermost(err: BaseException) -> BaseException:
 
 
 def _raised_by(err: BaseException) -> str:
-    """``model ByteLM`` / ``data ByteTextDataModule`` / ``callback X``: the innermost model, DataModule or callback
-    whose method the error came through (empty when none did)."""
+    """``model ByteLM`` / ``data ByteTextDataModule`` / ``callback X`` / ``trainer Trainer``: the innermost model,
+    DataModule, callback or Trainer whose method the error came through (empty when none did)."""
     for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
         owner = frame.f_locals.get("self")
-        for kind, cls in (("model", L.LightningModule), ("data", L.LightningDataModule), ("callback", Callback)):
+        for kind, cls in (("model", L.LightningModule), ("data", L.LightningDataModule), ("callback", Callback),
+                          ("trainer", L.Trainer)):
             if isinstance(owner, cls):
                 return f"{kind} {type(owner).__name__}"
     return ""

@@ -161,6 +161,73 @@ CATALOGUE = [
 ]
 
 
+# -- byte stores (`neat prepare`, ByteTextDataModule(data_dir=...)) and built-in corpora
+
+
+def _store(tmp_path, damage=None):
+    """A two-shard byte store, optionally damaged by ``damage(store_dir)``; returns its path."""
+    import json as _json
+
+    from neat_lightning.data.byte_store import write_store
+    from neat_lightning.data.generators.corpus import Document
+
+    out = tmp_path / "store"
+    write_store(out, [Document(f"d{i}", b"some text " * 20) for i in range(4)], shard_bytes=500)
+    damages = {
+        "newer": lambda d: (d / "manifest.json").write_text(
+            _json.dumps({**_json.loads((d / "manifest.json").read_text()), "format": 2})),
+        "not json": lambda d: (d / "manifest.json").write_text("{oops"),
+        "truncated": lambda d: (d / "shard-00000.bin").write_bytes((d / "shard-00000.bin").read_bytes()[:-3]),
+        "missing": lambda d: (d / "shard-00001.bin").unlink(),
+        "flipped": lambda d: (d / "shard-00000.bin").write_bytes(b"X" + (d / "shard-00000.bin").read_bytes()[1:]),
+    }
+    if damage:
+        damages[damage](out)
+    return str(out)
+
+
+def _verify(path):
+    from neat_lightning.data.byte_store import ByteStore
+
+    ByteStore(path, "--verify").verify()
+
+
+def _prepare(tmp_path, inputs, out):
+    from neat_lightning.commands.prepare import prepare_store
+
+    prepare_store(out, input=inputs)
+
+
+CATALOGUE += [
+    ("byte store missing", lambda t, c: _data(data_dir=str(t / "nostore")), FileNotFoundError,
+     r"data_dir: no such byte store: '.*nostore'"),
+    ("directory that is not a byte store", lambda t, c: _data(data_dir=str(t)), ValueError,
+     r"data_dir: '.*' is not a byte store \(no manifest.json\); write one with `neat prepare --input FILES --out"),
+    ("byte store of a newer format", lambda t, c: _data(data_dir=_store(t, "newer")), ValueError,
+     r"data_dir: '.*store' was written by a newer neat_lightning \(store format 2\); this version reads formats "
+     r"up to 1"),
+    ("byte store manifest not JSON", lambda t, c: _data(data_dir=_store(t, "not json")), ValueError,
+     r"data_dir: '.*store': manifest.json is not valid JSON"),
+    ("byte store shard truncated", lambda t, c: _data(data_dir=_store(t, "truncated")), ValueError,
+     r"data_dir: '.*store': shard 'shard-00000.bin' has 497 bytes, the manifest says 500 \(truncated or replaced\)"),
+    ("byte store shard missing", lambda t, c: _data(data_dir=_store(t, "missing")), FileNotFoundError,
+     r"data_dir: '.*store': shard 'shard-00001.bin' is missing"),
+    ("byte store checksum mismatch", lambda t, c: _verify(_store(t, "flipped")), ValueError,
+     r"--verify: '.*store': shard 'shard-00000.bin' does not match its checksum \(sha256 [0-9a-f]{16}\.\.\., the "
+     r"manifest says [0-9a-f]{16}\.\.\.\)"),
+    ("byte store and train files together", lambda t, c: _data(train_files=["a"], data_dir="b"), ValueError,
+     r"give at most one training source: train_files, data_dir, hf_path, hf_data_files or dataset"),
+    ("prepare an empty input", lambda t, c: _prepare(t, [_write(t, "e.txt", "")], t / "out"), ValueError,
+     r"--input: the input is empty \(0 bytes in 1 documents\)"),
+    ("prepare over an existing directory", lambda t, c: _prepare(t, [_write(t, "a.txt", "abc")], t), FileExistsError,
+     r"--out: '.*' already exists; pass --overwrite to replace it"),
+    ("prepare a glob that matches nothing", lambda t, c: _prepare(t, [str(t / "*.none")], t / "out"),
+     FileNotFoundError, r"--input: the glob '.*\*\.none' matches no file"),
+    ("unknown built-in corpus", lambda t, c: _data(builtin="wiki"), ValueError,
+     r"builtin='wiki' is not a built-in corpus; choose one of \['pydoc_topics', 'stdlib_docs', 'stdlib_code'\]"),
+]
+
+
 @pytest.mark.parametrize("name, fn, exc, match", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
@@ -171,12 +238,12 @@ def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
 # -- the `neat` command: one line on stderr naming the field, the value and the rule; exit code 2 ------------------
 # (id, arguments, regex the one error line must match). Placeholders: {quickstart} and {vqvae} (shipped configs),
 # {bleu} (the BLEU monitor fragment), {ckpt} (a ByteLM checkpoint written by a plain Trainer), {cli_ckpt} (the
-# same, with the classes LightningCLI records), {newer} (a checkpoint of a future format), {truncated} (its first
-# 1000 bytes), {empty} (an empty text file), {broken} (invalid YAML).
+# same, with the classes LightningCLI records), {newer_ckpt} (a checkpoint of a future format), {truncated_ckpt} (its
+# first 1000 bytes), {empty} (an empty text file), {broken} (invalid YAML).
 
 CLI_CATALOGUE = [
     ("unknown config key", ["fit", "--config", "{quickstart}", "--model.init_args.dimm", "3", "--print_config"],
-     r"--model \(neat_lightning.modules.ByteLM\): Option 'dimm' is not accepted"),
+     r"--model.init_args.dimm=3 \(neat_lightning.modules.ByteLM\): Option 'dimm' is not accepted"),
     ("wrong type", ["fit", "--config", "{quickstart}", "--model.init_args.dim", "wide", "--print_config"],
      r"--model.init_args.dim \(neat_lightning.modules.ByteLM\): Expected int. Got value: wide"),
     ("missing config file", ["fit", "--config", "does/not/exist.yaml", "--print_config"],
@@ -188,9 +255,12 @@ CLI_CATALOGUE = [
     ("model argument against its rule", ["fit", "--config", "{quickstart}", "--model.init_args.dim", "-3",
                                          "--trainer.fast_dev_run", "true"],
      r"^neat fit: model ByteLM: dim=-3 must be divisible by heads=4 \(--debug shows the traceback\)$"),
-    ("callback argument against its rule", ["fit", "--config", "{quickstart}", "--config", "{bleu}",
-                                            "--trainer.callbacks+.every_n_steps", "0", "--trainer.fast_dev_run", "true"],
+    ("callback argument against its rule",
+     ["fit", "--config", "{quickstart}", "--config", "{bleu}", "--trainer.callbacks+.every_n_steps", "0",
+      "--trainer.fast_dev_run", "true"],
      r"^neat fit: callback DecoderBLEUMonitor: every_n_steps=0 must be >= 1"),
+    ("trainer argument Lightning refuses", ["fit", "--config", "{quickstart}", "--trainer.strategy", "nosuch"],
+     r"^neat fit: trainer Trainer: You selected an invalid strategy name: `strategy='nosuch'`"),
     ("empty validation file", ["fit", "--config", "{quickstart}", "--data.val_files", "[{empty}]",
                                "--trainer.fast_dev_run", "true"],
      r"^neat fit: data ByteTextDataModule: val_files=\['.*empty.txt'\]: the val split is empty \(0 bytes"),
@@ -205,9 +275,9 @@ CLI_CATALOGUE = [
                                                    "--trainer.fast_dev_run", "true"],
      r"^neat fit: callback DecoderBLEUMonitor: DecoderBLEUMonitor needs a module implementing the TextGenerator "
      r"protocol, but VQVAE lacks `generate_text`"),
-    ("checkpoint truncated", ["validate", "--config", "{quickstart}", "--ckpt_path", "{truncated}"],
+    ("checkpoint truncated", ["validate", "--config", "{quickstart}", "--ckpt_path", "{truncated_ckpt}"],
      r"^neat validate: --ckpt_path: '.*truncated.ckpt' is not a complete checkpoint \(\d+ bytes; truncated"),
-    ("checkpoint of a newer format", ["validate", "--config", "{quickstart}", "--ckpt_path", "{newer}"],
+    ("checkpoint of a newer format", ["validate", "--config", "{quickstart}", "--ckpt_path", "{newer_ckpt}"],
      r"--ckpt_path: checkpoint '.*newer.ckpt': checkpoint format 3 was written by a newer neat_lightning; this "
      r"version reads formats up to 2"),
 ]
@@ -227,8 +297,9 @@ def cli_inputs(ckpt, tmp_path_factory) -> dict[str, str]:
     (root / "empty.txt").write_text("")
     (root / "broken.yaml").write_text("model:\n  class_path: [unclosed\n")
     return {"quickstart": str(repo / "configs" / "byte_lm_quickstart.yaml"),
-            "vqvae": str(repo / "configs" / "vqvae_quickstart.yaml"), "bleu": str(repo / "callbacks" / "bleu_monitor.yaml"),
-            "ckpt": str(ckpt), "cli_ckpt": str(root / "cli.ckpt"), "newer": str(root / "newer.ckpt"), "truncated": str(root / "truncated.ckpt"),
+            "vqvae": str(repo / "configs" / "vqvae_quickstart.yaml"),
+            "bleu": str(repo / "callbacks" / "bleu_monitor.yaml"), "ckpt": str(ckpt),
+            **{name: str(root / name.replace("_", ".")) for name in ("cli_ckpt", "newer_ckpt", "truncated_ckpt")},
             "empty": str(root / "empty.txt"), "broken": str(root / "broken.yaml")}
 
 

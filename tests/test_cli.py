@@ -82,6 +82,7 @@ def test_resume_with_ckpt_path_last_matches_uninterrupted(tmp_path, tiny_config)
         assert torch.equal(value, parts["state_dict"][key]), key
 
 
+@pytest.mark.slow  # two fresh interpreters importing lightning
 def test_help_and_print_config(tmp_path, tiny_config):
     out = neat("fit", "--help", cwd=tmp_path).stdout
     assert "--run_name" in out and "--checkpoint" in out
@@ -89,11 +90,29 @@ def test_help_and_print_config(tmp_path, tiny_config):
     assert "neat_lightning.modules.ByteLM" in printed and "run_name: tiny" in printed
 
 
+@pytest.mark.slow  # two fresh interpreters importing lightning
 def test_unknown_command_and_bad_config_key(tmp_path, tiny_config):
     proc = neat("nonsense", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown command 'nonsense'" in proc.stderr
     proc = neat("fit", "--config", str(tiny_config()), "--model.init_args.dimm", "3", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "dimm" in proc.stderr
+
+
+def test_help_print_config_and_unknown_command_in_process(tmp_path, tiny_config, capsys, monkeypatch):
+    from neat_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0 and "--run_name" in (out := capsys.readouterr().out) and "--checkpoint" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(tiny_config()), "--print_config"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "neat_lightning.modules.ByteLM" in printed and "run_name: tiny" in printed
+    assert main(["nonsense"]) == 2
+    assert "neat: unknown command 'nonsense'; commands: fit, validate, test, predict, convert-ckpt" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.slow
@@ -122,6 +141,12 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_config):
      "        module 'a' has no attribute 'B'",
      "--model (a.B): module 'a' has no attribute 'B'"),
     ("unrecognized arguments: --trainer.max_stepz 3", "unrecognized arguments: --trainer.max_stepz 3"),
+    ('Parser key "model":\n  Errors:\n    - Problem with given class_path \'a.B\':\n        Option \'dimm\' is not '
+     "accepted\n    - Expected a <class 'NoneType'>\n  Given value type: <class 'x'>\n  Given value: "
+     "NestedArg(key='dimm', val='3')",
+     "--model.init_args.dimm=3 (a.B): Option 'dimm' is not accepted"),
+    ('Parser key "trainer.precision":\n  Expected a typing.Literal[16, 32]\n  Given value: 99',
+     "--trainer.precision=99: Expected a typing.Literal[16, 32]"),
 ])
 def test_parser_messages_condense_to_the_option_and_the_rule(message, line):
     from neat_lightning.cli import condense_parser_message

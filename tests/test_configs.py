@@ -1,6 +1,8 @@
 """Every shipped YAML parses and runs a `fast_dev_run` step; every callback fragment composes onto a config."""
 
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -33,7 +35,11 @@ OVERRIDES = {
                        "--model.init_args.blt_config.patcher.mode", "static",
                        "--model.init_args.mvot_config.vqvae_ckpt", "{vqvae_8192_ckpt}"],
 }
-SLOW = {"neat_100m.yaml"}
+# `make test-fast` skips these (`make test` and CI run them): one step of each takes seconds to minutes on 2 CPU
+# cores: ~100M parameters (neat_100m), a ~100M-parameter entropy model in emulated bf16 (blt_entropy_model), and
+# lattices stepped 20+ times per batch (the lattice configs, and the fragments composed onto them)
+SLOW = {"neat_100m.yaml", "blt_entropy_model.yaml", "lattice.yaml", "lattice_quickstart.yaml",
+        "lattice_energy_flow.yaml"}
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +81,8 @@ def fast_dev_run(configs: list[Path | list[str]], tmp_path: Path, extra: list[st
         args += c if isinstance(c, list) else ["--config", str(c)]
     args += ["--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
              "--trainer.strategy", "auto", "--runs_dir", str(tmp_path / "runs"), *extra]
-    return NeatCLI(args=args)
+    with mock.patch.object(sys, "argv", ["neat"]):  # pytest's own arguments are not the CLI's
+        return NeatCLI(args=args)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +142,10 @@ def test_every_fragment_has_a_compatible_config():
     assert sorted(f.name for f in FRAGMENTS) == sorted(COMPATIBLE), "register new fragments in COMPATIBLE"
 
 
-@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.name for f in FRAGMENTS])
+@pytest.mark.parametrize(
+    "fragment", [pytest.param(f, marks=pytest.mark.slow) if COMPATIBLE[f.name] in SLOW else f for f in FRAGMENTS],
+    ids=[f.name for f in FRAGMENTS],
+)
 def test_fragment_composes_and_appends(fragment, tmp_path, monkeypatch, checkpoints):
     monkeypatch.chdir(tmp_path)
     base = REPO / "configs" / COMPATIBLE[fragment.name]

@@ -107,6 +107,7 @@ def test_an_upward_import_is_caught(tmp_path):
     assert "imports neat_lightning.callbacks (layer 4)" in found[2]
 
 
+@pytest.mark.slow  # a fresh interpreter per module (~3.5 s each on 2 cores); the import test above is static
 @pytest.mark.parametrize("name", ["codec", "protocols", "components.lattice", "components.blt"])
 def test_lower_layers_load_without_lightning(name):
     """Importing the Lightning-free layers in a fresh interpreter does not pull Lightning in."""

@@ -45,6 +45,7 @@ def test_batch_generator_is_a_pure_function_of_its_keys():
     assert len({tuple(draw(*keys).tolist()) for keys in [(7, 3, 0), (7, 3, 1), (7, 4, 0), (8, 3, 0), (3, 7, 0)]}) == 5
 
 
+@pytest.mark.slow  # two fresh interpreters (~9 s on 2 cores)
 def test_batch_generator_does_not_depend_on_the_hash_seed():
     code = ("import torch; from neat_lightning.data.loading import batch_generator; "
             "print(torch.randint(1 << 30, (3,), generator=batch_generator(5, 2, 1)).tolist())")

@@ -10,6 +10,7 @@ import pytest
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")
 
 
+@pytest.mark.slow  # a fresh interpreter per generator (~4 s each on 2 cores); test_layers.py checks imports statically
 @pytest.mark.parametrize("name", ["grids", "math", "scenes"])
 def test_generator_imports_without_lightning(name: str) -> None:
     code = (
@@ -20,6 +21,7 @@ def test_generator_imports_without_lightning(name: str) -> None:
     assert out == "[]", f"neat_lightning.data.generators.{name} loaded {out}"
 
 
+@pytest.mark.slow  # a fresh interpreter importing Lightning (~10 s on 2 cores)
 def test_a_datamodule_file_does_load_lightning() -> None:
     """The check can fail: the DataModule next to a generator imports Lightning."""
     code = "import sys, neat_lightning.data.grids; print('lightning' in sys.modules)"
