@@ -47,5 +47,5 @@ def test_external_project_from_wheel(tmp_path):
 
     # package data travelled with the wheel (the scene corpus)
     scenes = run([str(python), "-c", "import importlib.resources as r; "
-                  "print(len(list(r.files('neat_lightning.data').joinpath('scenes').iterdir())))"], cwd=project)
+                  "print(len(list(r.files('neat_lightning.data').joinpath('scene_library').iterdir())))"], cwd=project)
     assert int(scenes.stdout.strip()) >= 30

@@ -1,3 +1,4 @@
+import random
 from types import SimpleNamespace
 
 import lightning as L
@@ -229,10 +230,13 @@ def test_corpus_goes_to_the_logger_and_the_checkpoint_and_a_changed_corpus_warns
 
 
 def make_files(root, n=14):
-    """``n`` text files of very different sizes (some shorter than a window), one of them not UTF-8."""
+    """``n`` text files of very different sizes (some shorter than a window), one of them not UTF-8. The words are
+    seeded random numbers, not a repeated phrase, so two windows at different places almost never hold equal bytes
+    (tests that tell ranks apart by content rely on it)."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        body = (f"file {i}: " + "some words of text " * (i * i + 1)).encode()
+        words = random.Random(i)
+        body = (f"file {i}: " + " ".join(str(words.randrange(10**6)) for _ in range(3 * (i * i + 1)))).encode()
         write(root / f"doc{i:02d}.txt", body if i != 3 else body + bytes(range(256)))
     return str(root / "*.txt")
 
