@@ -1,10 +1,10 @@
-"""Retention benchmark: recall of learned facts after interference, with and without sleep-wake consolidation.
+"""Sleep-wake benchmark: no sleep vs plain replay vs sleep at equal budgets, on every protocol, 5 seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/sleep_wake.py            # 3 seeds x 2 arms (~6 min on one CPU core)
-    python benchmarks/sleep_wake.py --seeds 0 --learn-steps 30 --interfere-steps 30   # smoke run
+    python benchmarks/sleep_wake.py                        # ab, tables4, bytes x 5 seeds x 3 arms, 2 workers
+    python benchmarks/sleep_wake.py --protocols ab --seeds 0 --table-steps 30   # smoke run
 
 Same flags as ``neat eval-sleep`` (see :mod:`neat_lightning.eval.sleep_wake`); writes
-``benchmarks/results/sleep_wake.json`` and ``benchmarks/results/sleep_wake.png`` (atomically) and prints the table.
+``benchmarks/results/sleep_wake.json`` and ``benchmarks/results/sleep_wake.png`` (atomically) and prints the tables.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from neat_lightning.commands.eval_sleep import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if "--out-json" not in argv:
-        argv += ["--out-json", str(REPO / "benchmarks/results/sleep_wake.json")]
-    if "--out-png" not in argv:
-        argv += ["--out-png", str(REPO / "benchmarks/results/sleep_wake.png")]
+    defaults = {"--protocols": ["ab", "tables4", "bytes"], "--seeds": ["0", "1", "2", "3", "4"],
+                "--out-json": [str(REPO / "benchmarks/results/sleep_wake.json")],
+                "--out-png": [str(REPO / "benchmarks/results/sleep_wake.png")]}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, *value]
     sys.exit(main(argv))

@@ -8,7 +8,11 @@
 
 Every run writes under ``<runs_dir>/<run_name>/``: ``checkpoints/`` (``last.ckpt`` plus the best/latest), and one
 ``version_N/`` per invocation holding TensorBoard events, ``metrics.csv`` and the resolved ``config.yaml``.
-``run_name`` defaults to the stem of the first ``--config`` file. Process-wide settings live here, not in modules.
+``run_name`` defaults to the stem of the first ``--config`` file. ``last.ckpt`` always holds the newest run's latest
+step: a new fit into the same run directory replaces it (Lightning would write ``last-v1.ckpt`` beside it, leaving
+the documented path on the older run), and ``--trainer.fast_dev_run`` writes no checkpoint. ``validate``, ``test``
+and a resumed ``fit`` name the checkpoint they load (path, global step, when written). Process-wide settings live
+here, not in modules.
 
 A configuration or input error (a bad value, a missing or empty file, a checkpoint of another model) raised while
 the command parses, builds or sets up its run is printed as one line naming the field, the value and the rule, with
@@ -41,7 +45,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 COMMANDS_PACKAGE = "neat_lightning.commands"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -110,10 +115,86 @@ class _LoopStarted(Callback):
     on_train_start = on_validation_start = on_test_start = on_predict_start = _started
 
 
+class _NameCheckpoint(Callback):
+    """Logs which checkpoint a ``validate`` / ``test`` / ``predict`` evaluates, or a ``fit`` resumes from: path,
+    global step and when it was written. Stateless."""
+
+    def _name(self, trainer: L.Trainer, verb: str) -> None:
+        path = trainer.ckpt_path
+        if path and Path(path).is_file():
+            from neat_lightning.commands.score import describe_checkpoint
+
+            rank_zero_info(f"{verb} checkpoint {describe_checkpoint(path)}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._name(trainer, "resumed from")
+
+    def _evaluating(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._name(trainer, "evaluating")
+
+    on_validation_start = on_test_start = on_predict_start = _evaluating
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving nothing under ``fast_dev_run`` (Lightning's ``on_train_end`` writes
+    ``last.ckpt`` even then) and logging when a new fit is about to replace an earlier run's ``last.ckpt``. The CLI
+    turns the version counter off (``enable_version_counter: false``), so ``last.ckpt`` is overwritten instead of
+    a ``last-v1.ckpt`` being written beside it."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = Path(self.dirpath or "") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if self.save_last and not trainer.fast_dev_run and not trainer.ckpt_path and last.is_file():
+            from neat_lightning.commands.score import describe_checkpoint
+
+            rank_zero_info(f"this run replaces {describe_checkpoint(last)} at its first save")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting optimizer steps when a run is bounded by ``max_steps`` alone.
+
+    Training windows are sampled, so an epoch is a convention (``batches_per_epoch``) and a step-bounded run has no
+    epoch count (Lightning's bar read "Epoch 0/-2"): one bar runs from the start step to ``max_steps``.
+    """
+
+    def _by_steps(self) -> bool:
+        return self.trainer.max_steps > 0 and self.trainer.max_epochs in (None, -1)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        return f"{'Step':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._by_steps() and self.train_progress_bar_id is not None:
+            return  # one bar for the whole run
+        super().on_train_epoch_start(trainer, pl_module)
+        if self._by_steps():
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+
+
 # -- checkpoint vs configuration -------------------------------------------------------------------------------------
 
 
-def _resolve(class_path: str | None) -> type | None:
+def resolve_class(class_path: str | None) -> type | None:
+    """The class a dotted ``class_path`` names; ``None`` when it is empty or does not import."""
     if not class_path:
         return None
     module_name, _, name = class_path.rpartition(".")
@@ -135,7 +216,7 @@ def _model_option(cls: type) -> str:
 
 
 def _same_class(a: str, b: str) -> bool:
-    ca, cb = _resolve(a), _resolve(b)
+    ca, cb = resolve_class(a), resolve_class(b)
     return ca is cb if ca is not None and cb is not None else _short(a) == _short(b)
 
 
@@ -144,7 +225,7 @@ def _accepts(cls: type, names: set[str]) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in params.values()) or names <= set(params)
 
 
-def _guess_module_class(hparams: dict[str, Any]) -> str | None:
+def guess_module_class(hparams: dict[str, Any]) -> str | None:
     """The class path of the shipped module whose ``__init__`` takes every one of ``hparams``' names, if one does."""
     from neat_lightning import modules
 
@@ -169,11 +250,11 @@ def checkpoint_class_mismatch(checkpoint: dict[str, Any], model_path: str, data_
     saved = checkpoint.get("hyper_parameters") or {}
     held = saved.get("_class_path")
     if held is None:
-        configured = _resolve(model_path)
+        configured = resolve_class(model_path)
         names = {k for k in saved if not k.startswith("_")}
         if configured is None or not names or checkpoint.get(FORMAT_KEY, 1) != FORMAT or _accepts(configured, names):
             return None  # nothing to compare (older formats rename arguments: the upgrade on load checks them)
-        held = _guess_module_class(saved)
+        held = guess_module_class(saved)
         if held is None:
             unknown = sorted(names - set(inspect.signature(configured.__init__).parameters))
             return (f"{source} holds a module with hyperparameters {', '.join(unknown)} that the config's model "
@@ -210,7 +291,7 @@ def check_ckpt_path(path: str, cfg: Any) -> None:
     if trained_data and data_path and not _same_class(trained_data, data_path):
         rank_zero_warn(f"{source} was trained on {trained_data}; the config's data is {data_path}")
     found = int(checkpoint.get(FORMAT_KEY, 1))
-    cls = _resolve((checkpoint.get("hyper_parameters") or {}).get("_class_path") or model_path)
+    cls = resolve_class((checkpoint.get("hyper_parameters") or {}).get("_class_path") or model_path)
     if found == FORMAT or not (isinstance(cls, type) and issubclass(cls, ResumableModule)):
         return
     before = copy.deepcopy(checkpoint.get("hyper_parameters"))
@@ -225,7 +306,8 @@ def check_ckpt_path(path: str, cfg: Any) -> None:
 
 class NeatCLI(LightningCLI):
     """LightningCLI with subclass modes for models and data, a ``run_name``-scoped output directory, a
-    ``last.ckpt``-saving ModelCheckpoint and TensorBoard + CSV loggers by default.
+    :class:`RunCheckpoint` whose ``last.ckpt`` is the newest run's, a step-counting progress bar and TensorBoard + CSV
+    loggers by default.
 
     Args:
         args: the command line (``None``: ``sys.argv``); see LightningCLI.
@@ -253,8 +335,10 @@ class NeatCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Outputs go to <runs_dir>/<run_name>/; default: the first --config file's stem.")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent directory of all runs.")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.dirpath": None})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        # a new fit into a run directory replaces last.ckpt instead of writing last-v1.ckpt beside it
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.dirpath": None,
+                             "checkpoint.enable_version_counter": False})
 
     # -- run directory ---------------------------------------------------------------------------------------------
 
@@ -294,7 +378,7 @@ class NeatCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         self.progress.stage = "setup"
-        self.trainer.callbacks.insert(0, _LoopStarted(self.progress))
+        self.trainer.callbacks[:0] = [_LoopStarted(self.progress), _NameCheckpoint()]
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -303,7 +387,7 @@ class NeatCLI(LightningCLI):
         wants_bar = trainer_cfg.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             # appended by LightningCLI after the configured callbacks; a configured progress bar wins
-            self.trainer_defaults["callbacks"] = [RichProgressBar(leave=True)]
+            self.trainer_defaults["callbacks"] = [StepProgressBar(leave=True)]
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             runs_dir, name = self.run_root()
             version = next_version(runs_dir / name)

@@ -20,35 +20,66 @@ class TextGenerator(Protocol):
     def generate_text(self, prompts: list[str], max_new_bytes: int) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a :class:`MemoryConsolidator`'s next training step does (SleepWakeConsolidation sets one per step).
+
+    A *wake* step (``sleep=False``) trains on the data's batch, with ``replay`` stored sequences appended to it
+    (plain experience replay when > 0), and stores the batch's most surprising windows. A *sleep* step
+    (``sleep=True``) does not touch the data's batch: it trains the whole model on ``replay`` stored sequences drawn
+    by priority, plus the options below, as one ordinary optimizer step (under DDP its gradients are all-reduced
+    like any other step's; each rank replays its own buffer).
+    """
+
+    sleep: bool = False
+    replay: int = 0  # stored sequences replayed by this step (per rank, per micro-batch)
+    distill_weight: float = 0.0  # weight of the KL divergence to the pre-sleep model's outputs (LwF); sleep steps
+    temperature: float = 2.0  # softmax temperature of that distillation (the loss is scaled by temperature²)
+    distill_correct_only: bool = False  # distil only positions the pre-sleep model predicted right (argmax = target)
+    memory_weight: float = 0.0  # weight of the Titans slow-memory consolidation loss, where the module has one
+    memory_items: int = 512  # most important memory items per memory block in that loss
+    rate: float = 1.0  # consolidation rate: multiplies the optimizer's learning rate for this step (sleep steps)
+    phase_step: int = 0  # sleep steps already done in this sleep phase (0: the first; the teacher is taken then)
+
+    def __post_init__(self) -> None:
+        if self.replay < 0:
+            raise ValueError(f"ReplayPlan.replay={self.replay} must be >= 0")
+        if self.sleep and self.replay < 1:
+            raise ValueError(f"ReplayPlan.replay={self.replay} must be >= 1 for a sleep step")
+        for name in ("distill_weight", "memory_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ReplayPlan.{name}={getattr(self, name)} must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"ReplayPlan.temperature={self.temperature} must be > 0")
+        if not self.rate > 0:
+            raise ValueError(f"ReplayPlan.rate={self.rate} must be > 0")
+
+
 @runtime_checkable
 class MemoryConsolidator(Protocol):
-    """Exposes a long-term memory that sleep phases can replay, consolidate and reset (SleepWakeConsolidation)."""
+    """Keeps an episodic buffer of training sequences that sleep phases replay through the whole model
+    (SleepWakeConsolidation). ``NeatModel`` and ``ByteLM`` implement it."""
 
     def memory_snapshot(self) -> dict[str, torch.Tensor]:
-        """The stored items, each tensor with a leading dim M: at least ``importance`` (M,) >= 0 (replay priority)
-        besides the module's own keys (e.g. ``keys``, ``values`` (M, d), ``layer`` (M,))."""
+        """The stored sequences' bookkeeping, each tensor (M,) over the M filled entries: ``importance`` (surprise
+        when stored, >= 0), ``priority`` (replay priority), ``age`` (optimizer steps since stored) and ``replays``
+        (times replayed)."""
         ...
 
-    def consolidate(
-        self, steps: int, lr: float, max_items: int | None, items: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, float]:
-        """Replay stored items into the slow weights: ``steps`` gradient steps of learning rate ``lr``.
+    def plan_step(self, plan: ReplayPlan) -> None:
+        """Set what the next training step does (called before it, e.g. in ``on_train_batch_start``). A step
+        without a plan is an ordinary training step that stores nothing."""
+        ...
 
-        Args:
-            steps: gradient steps of the consolidation loss.
-            lr: their learning rate.
-            max_items: without ``items``, replay at most this many items (the module's choice, e.g. the most
-                important); None for all.
-            items: a replay set drawn by the caller from :meth:`memory_snapshot` (same keys, a subset of the rows);
-                None lets the module choose.
-
-        Returns:
-            at least ``consolidation_loss`` and ``consolidation_loss_after`` (before / after the replay).
-        """
+    def replay_stats(self) -> dict[str, float]:
+        """What the last planned step measured: at least ``replay_loss`` (mean loss of the replayed sequences
+        before the update; NaN when none were replayed), ``replayed`` and ``stored`` (entries held); sleep steps
+        add ``distill_loss`` / ``memory_loss`` when those terms are on."""
         ...
 
     def reset_short_term(self) -> None:
-        """Forget the short-term (episodic) store."""
+        """Forget the short-term state of a sleep phase (the distillation teacher; NeatModel: the Titans
+        associative items). The buffer of sequences stays (it is pruned by ``MemoryPrunable.prune_memory``)."""
         ...
 
 
@@ -94,10 +125,11 @@ class Releasable(Protocol):
 
 @runtime_checkable
 class MemoryPrunable(Protocol):
-    """Prunes its own memory store (SleepWakeConsolidation, after each sleep step)."""
+    """Prunes its own episodic store (SleepWakeConsolidation, after each sleep step)."""
 
     def prune_memory(self, fraction: float) -> int:
-        """Empty the lowest-importance ``fraction`` (in [0, 1)) of the filled slots; returns how many were emptied."""
+        """Empty the ``fraction`` (in [0, 1)) of the filled entries with the lowest keep score (importance, usage
+        and age, weighted as the module is configured); returns how many were emptied."""
         ...
 
 

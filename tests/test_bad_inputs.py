@@ -228,6 +228,109 @@ CATALOGUE += [
 ]
 
 
+
+# -- `neat score` / `neat report --ood`
+
+
+def _score_inputs(patterns, field="--input"):
+    from neat_lightning.commands.score import read_inputs
+
+    read_inputs([str(p) for p in patterns], field)
+
+
+def _score_settings(**kw):
+    from neat_lightning.commands.score import ScoreSettings
+
+    ScoreSettings(**kw)
+
+
+def _score_checkpoint_of(tmp_path, class_path):
+    from neat_lightning.commands.score import load_scorer
+
+    torch.save({"hyper_parameters": {"_class_path": class_path}}, tmp_path / "other.ckpt")
+    load_scorer(tmp_path / "other.ckpt")
+
+
+CATALOGUE += [
+    ("score an empty input", lambda t, c: _score_inputs([_write(t, "e.txt", "")]), ValueError,
+     r"--input: the input is empty \(0 bytes in 1 files\)"),
+    ("score a missing input", lambda t, c: _score_inputs([t / "none.txt"]), FileNotFoundError,
+     r"--input: no such file: '.*none.txt'"),
+    ("report an out-of-domain glob that matches nothing", lambda t, c: _score_inputs([t / "*.none"], "--ood"),
+     FileNotFoundError, r"--ood: the glob '.*\*\.none' matches no file"),
+    ("score with a stride longer than the context", lambda t, c: _score_settings(context=16, stride=32), ValueError,
+     r"--stride=32 must be in \[1, --context=16\]"),
+    ("score with no steps per window", lambda t, c: _score_settings(steps=0), ValueError, r"--steps=0 must be >= 1"),
+    ("score with a learning rate <= 0", lambda t, c: _score_settings(lr=0.0), ValueError,
+     r"--lr=0.0 must be a finite number > 0"),
+    ("score a checkpoint that does not predict bytes",
+     lambda t, c: _score_checkpoint_of(t, "neat_lightning.modules.VQVAE"), ValueError,
+     r"--ckpt: checkpoint '.*other.ckpt' holds a VQVAE, which does not predict bytes; neat score takes a ByteLM or "
+     r"NeatModel checkpoint"),
+]
+
+# -- mazes and the maze lattice
+
+
+def _maze_data(**kw):
+    from neat_lightning.data.maze import MazeDataModule
+
+    MazeDataModule(**kw)
+
+
+def _maze_solver(**kw):
+    from neat_lightning.modules.lattice_maze import MAZE_LATTICE, LatticeMazeSolver
+
+    LatticeMazeSolver(lattice={**MAZE_LATTICE.__dict__, **kw})
+
+
+def _maze_training_size(tmp_path):
+    from neat_lightning.data.maze import MazeDataModule
+    from neat_lightning.modules.lattice_maze import LatticeMazeSolver
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(LatticeMazeSolver(), MazeDataModule(size=11, batch_size=2))
+
+
+def _stage_threshold():
+    from neat_lightning.callbacks.plasticity_stages import PlasticityStages, Stage
+
+    PlasticityStages([Stage(0, "balanced", activity_threshold=0.5), Stage(5, "learning", activity_threshold=1.0)])
+
+
+CATALOGUE += [
+    ("maze side even", lambda t, c: _maze_data(size=10), ValueError,
+     r"size=10 must be an odd number of cells >= 5 \(2 \* rooms \+ 1, at least 2 rooms\)"),
+    ("maze lattice not thin", lambda t, c: _maze_solver(depth=3), ValueError,
+     r"lattice.depth=3 must be 1: the maze is the one plane of a thin lattice"),
+    ("maze lattice without working channels", lambda t, c: _maze_solver(channels=4), ValueError,
+     r"lattice.channels=4 must be > 4: the first 4 channels hold the maze"),
+    ("maze of another size than the lattice", lambda t, c: _maze_training_size(t), ValueError,
+     r"training maze side 11 differs from lattice.height=9"),
+    ("stage activity threshold out of range", lambda t, c: _stage_threshold(), ValueError,
+     r"stages\[1\].activity_threshold=1.0 must be in \[0, 1\)"),
+]
+
+
+def _sleep_callback(**kw):
+    from neat_lightning.callbacks import SleepWakeConsolidation
+
+    SleepWakeConsolidation(**kw)
+
+
+CATALOGUE += [
+    ("episodic buffer of no windows", lambda t, c: _tiny_lm(episodic={"capacity": 0}), ValueError,
+     r"EpisodicConfig.capacity=0 must be >= 1"),
+    ("Titans surprise on a model without Titans", lambda t, c: _tiny_lm(episodic={"surprise": "titans"}),
+     ValueError, r"episodic.surprise='titans': ByteLM has no Titans memory; use 'loss'"),
+    ("sleep callback mode unknown", lambda t, c: _sleep_callback(mode="dream"), ValueError,
+     r"SleepWakeConsolidation mode='dream' must be one of \['sleep', 'replay'\]"),
+    ("sleep rate backoff out of range", lambda t, c: _sleep_callback(rate_backoff=1.5), ValueError,
+     r"SleepWakeConsolidation rate_backoff=1.5 must be in \(0, 1\)"),
+]
+
+
 @pytest.mark.parametrize("name, fn, exc, match", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])

@@ -39,11 +39,13 @@ def test_fit_validate_and_outputs(tmp_path, tiny_config):
     neat("fit", "--config", str(cfg), "--trainer.max_steps", "2", cwd=tmp_path)
     assert (run / "version_1" / "config.yaml").is_file()
 
-    # validate on any text file a user gives
+    # validate on any text file a user gives; it names the checkpoint it evaluates
     text = tmp_path / "some.txt"
     text.write_text("Any text a user has lying around, validated byte by byte. " * 20)
-    neat("validate", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-         "--data.val_files", f"[{text}]", cwd=tmp_path)
+    proc = neat("validate", "--config", str(cfg), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                "--data.val_files", f"[{text}]", cwd=tmp_path)
+    assert re.search(r"evaluating checkpoint .*last.ckpt \(ByteLM, global step 2, written \d{4}-\d\d-\d\d ",
+                     proc.stdout + proc.stderr)
     val = metrics(run, version=2)
     bpb = last(val, "val/bpb")
     assert 0 < bpb < 9
@@ -66,6 +68,54 @@ def test_rich_progress_bar_by_default_unless_disabled(tmp_path, tiny_config, mon
     assert isinstance(cli.trainer.progress_bar_callback, RichProgressBar)
     cli = NeatCLI(args=base, run=False)  # the tiny config disables it
     assert cli.trainer.progress_bar_callback is None
+
+
+def test_progress_bar_counts_steps(tmp_path, tiny_config, capsys, monkeypatch):
+    """Sampled windows have no epoch length: a step-bounded run shows one bar of steps, not "Epoch 0/-2"."""
+    from neat_lightning.cli import NeatCLI, StepProgressBar
+
+    monkeypatch.chdir(tmp_path)
+    cli = NeatCLI(args=["fit", "--config", str(tiny_config(max_steps=9)), "--runs_dir", str(tmp_path / "runs"),
+                        "--trainer.enable_progress_bar", "true", "--trainer.limit_val_batches", "0"])
+    assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
+    printed = capsys.readouterr().out
+    assert re.search(r"Step\s.*9/9", printed) and "Epoch" not in printed and "/-" not in printed
+    assert cli.trainer.global_step == 9  # 9 steps over two epochs of 6 batches: still one bar
+
+
+def checkpoint_step(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.mark.slow
+def test_fast_dev_run_then_a_real_fit_leaves_the_real_last_ckpt(tmp_path, tiny_config):
+    """fast_dev_run writes no checkpoint, so `last.ckpt` after the real fit is the real fit's final step (Lightning
+    alone would have written it at step 1 and the real run's as last-v1.ckpt)."""
+    cfg = tiny_config(max_steps=8, ckpt_every=4)
+    neat("fit", "--config", str(cfg), "--trainer.fast_dev_run", "true", cwd=tmp_path)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert not list(checkpoints.glob("*.ckpt"))
+    neat("fit", "--config", str(cfg), cwd=tmp_path)
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]
+    assert checkpoint_step(checkpoints / "last.ckpt") == 8
+
+
+@pytest.mark.slow
+def test_the_same_config_fitted_twice_leaves_the_second_runs_last_ckpt(tmp_path, tiny_config):
+    """The second fit into a run directory replaces `last.ckpt` (and says so); `--ckpt_path last` then resumes it."""
+    cfg = tiny_config(max_steps=8, ckpt_every=4)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    neat("fit", "--config", str(cfg), cwd=tmp_path)
+    first = (checkpoints / "last.ckpt").stat().st_mtime_ns
+    proc = neat("fit", "--config", str(cfg), cwd=tmp_path)
+    assert (checkpoints / "last.ckpt").stat().st_mtime_ns > first
+    assert re.search(r"this run replaces .*last.ckpt \(ByteLM, global step 8, ", proc.stdout + proc.stderr)
+    neat("fit", "--config", str(cfg), "--trainer.max_steps", "4", cwd=tmp_path)  # the same config, a shorter run
+    assert sorted(p.name for p in checkpoints.glob("last*.ckpt")) == ["last.ckpt"]
+    assert checkpoint_step(checkpoints / "last.ckpt") == 4
+    proc = neat("fit", "--config", str(cfg), "--ckpt_path", "last", cwd=tmp_path)  # resumes the newest: 4 -> 8
+    assert re.search(r"resumed from checkpoint .*last.ckpt \(ByteLM, global step 4, ", proc.stdout + proc.stderr)
+    assert checkpoint_step(checkpoints / "last.ckpt") == 8
 
 
 @pytest.mark.slow

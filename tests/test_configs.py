@@ -128,7 +128,7 @@ INCOMPATIBLE = {
     "component_schedule.yaml": ("byte_lm_quickstart.yaml", "ComponentSwitchable"),
     "plasticity_stages.yaml": ("byte_lm_quickstart.yaml", "Plastic"),
     "progressive_scaling.yaml": ("byte_lm_quickstart.yaml", "Growable"),
-    "sleep_wake.yaml": ("byte_lm_quickstart.yaml", "MemoryConsolidator"),
+    "sleep_wake.yaml": ("vqvae_quickstart.yaml", "MemoryConsolidator"),  # ByteLM and NeatModel implement it
 }
 
 

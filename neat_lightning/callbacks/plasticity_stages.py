@@ -13,6 +13,9 @@ stage  profile         clustering  sparsity target
 6      freeze          on          0.7
 =====  ==============  ==========  ===============
 
+A stage may set its own spike threshold (``Stage(..., activity_threshold=0.05)``), overriding its profile's, so
+any threshold (0.01, 0.02, 0.03, 0.05, 0.1, ...) is expressible per stage.
+
 Stage boundaries count optimiser steps (``unit="steps"``) or training samples seen (``unit="samples"``). The
 callback reaches the module through the ``Plastic`` protocol (``set_plasticity_profile``); a table with stages that
 cluster or prune also needs the ``StagedLattice`` protocol (``set_clustering_enabled(bool)``,
@@ -29,7 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from neat_lightning.components.plasticity import PROFILES, profile_by_name
+from neat_lightning.components.plasticity import PROFILES, profile_by_name, with_threshold
 from neat_lightning.protocols import Plastic, StagedLattice, require
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the stage table: from ``start`` (steps or samples) on, use ``profile``, cluster or not, and prune
-    the connections to ``sparsity`` (a fraction pruned; pruning never grows connections back)."""
+    """One row of the stage table: from ``start`` (steps or samples) on, use ``profile`` (with its spike threshold
+    replaced by ``activity_threshold`` when given), cluster or not, and prune the connections to ``sparsity`` (a
+    fraction pruned; pruning never grows connections back)."""
 
     start: int
     profile: str = "learning"
     clustering: bool = False
     sparsity: float = 0.0
+    activity_threshold: float | None = None  # None: the profile's own threshold
 
 
 DEFAULT_STAGES: tuple[Stage, ...] = (
@@ -95,6 +100,8 @@ class PlasticityStages(Callback):
                 raise ValueError(f"stages[{i}].profile={s.profile!r} is unknown; known profiles: {list(PROFILES)}")
             if not 0.0 <= s.sparsity < 1.0:
                 raise ValueError(f"stages[{i}].sparsity={s.sparsity} must be in [0, 1)")
+            if s.activity_threshold is not None and not 0.0 <= s.activity_threshold < 1.0:
+                raise ValueError(f"stages[{i}].activity_threshold={s.activity_threshold} must be in [0, 1)")
         self.stages, self.unit = stages, unit
         self.stage = -1
         self.samples_seen = 0
@@ -119,11 +126,13 @@ class PlasticityStages(Callback):
     def apply(self, pl_module: L.LightningModule, index: int) -> None:
         """Put the module in stage ``index``: profile, clustering switch, pruning to the stage's sparsity."""
         s = self.stages[index]
-        pl_module.set_plasticity_profile(profile_by_name(s.profile))
+        pl_module.set_plasticity_profile(with_threshold(profile_by_name(s.profile), s.activity_threshold))
         if self.staged:
             pl_module.set_clustering_enabled(s.clustering)
         reached = pl_module.prune_connections(s.sparsity) if s.sparsity > 0 else None
-        log.info("plasticity stage %d: profile %s, clustering %s, sparsity %s", index + 1, s.profile, s.clustering,
+        threshold = s.activity_threshold if s.activity_threshold is not None else "the profile's"
+        log.info("plasticity stage %d: profile %s (threshold %s), clustering %s, sparsity %s", index + 1, s.profile,
+                 threshold, s.clustering,
                  f"{reached:.3f}" if reached is not None else "unchanged")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -1,19 +1,23 @@
-"""``neat report``: a ByteLM checkpoint's validation bpb next to gzip/bz2/xz on the very same bytes, plus samples.
+"""``neat report``: a ByteLM checkpoint's validation bpb next to gzip/bz2/xz on the very same bytes, the same on an
+out-of-domain text (static and adaptive), plus samples.
 
     neat report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt
+    neat report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt \
+        --ood 'docs/*.md' --adapt
 
-The validation bytes come from the config's ``data:`` section (the same DataModule and split that training used).
-The model's bpb counts every predicted id of the validation stream (each document's bytes and its EOS); the
-compressors see the documents' bytes concatenated, compressed in one go at their strongest settings.
+The first line names the checkpoint evaluated (path, global step, when it was written). The validation bytes come
+from the config's ``data:`` section (the same DataModule and split that training used); the model's bpb counts every
+predicted id of the validation stream (each document's bytes and its EOS), exactly as ``neat validate`` logs
+``val/bpb``. ``--ood FILE...`` (files or globs, concatenated) adds a text from elsewhere, scored as ``neat score``
+scores it (one document, windows of ``--context`` ids sliding by ``--stride``), with ``--adapt`` also prequentially
+(each window scored, then learnt from; the checkpoint is never written). The compressors see the same bytes in one
+go at their strongest settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import bz2
-import gzip
 import json
-import lzma
 import math
 import sys
 from pathlib import Path
@@ -23,15 +27,22 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from neat_lightning.commands.score import (
+    add_scoring_arguments,
+    checkpoint_summary,
+    compression_bpb,
+    describe_checkpoint,
+    describe_input,
+    describe_settings,
+    device_from,
+    print_table,
+    read_inputs,
+    results_dict,
+    score_bytes,
+    settings_from,
+)
 
-def compression_bpb(data: bytes) -> dict[str, float]:
-    """Bits per byte of gzip -9, bz2 -9 and xz -9e on ``data``."""
-    n = max(1, len(data))
-    return {
-        "gzip -9": len(gzip.compress(data, compresslevel=9)) * 8 / n,
-        "bz2 -9": len(bz2.compress(data, compresslevel=9)) * 8 / n,
-        "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) * 8 / n,
-    }
+__all__ = ["compression_bpb", "load_datamodule", "main", "model_bpb"]
 
 
 @torch.inference_mode()
@@ -62,38 +73,62 @@ def load_datamodule(config_path: Path, overrides: dict):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="neat report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="neat report", description=__doc__.split("\n")[0].strip("`: "),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
     parser.add_argument("--ckpt", required=True, type=Path, help="a ByteLM checkpoint")
     parser.add_argument("--val-files", nargs="*", default=None, help="evaluate on these files instead")
+    parser.add_argument("--ood", nargs="+", default=None, metavar="FILE",
+                        help="an out-of-domain text: files or globs, concatenated (e.g. 'docs/*.md')")
     parser.add_argument("--samples", type=int, default=3, help="number of sample generations")
     parser.add_argument("--sample-bytes", type=int, default=160)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
 
     from neat_lightning.modules.base import load_frozen
     from neat_lightning.modules.byte_lm import ByteLM
 
     try:
-        model = load_frozen(ByteLM, args.ckpt, "--ckpt")
+        settings, device = settings_from(args), device_from(args.device)
+        model = load_frozen(ByteLM, args.ckpt, "--ckpt").to(device)
+        ood = read_inputs(args.ood, "--ood") if args.ood else None
+        overrides = {"val_files": args.val_files} if args.val_files else {}
+        dm = load_datamodule(args.config, overrides)
     except (FileNotFoundError, IsADirectoryError, ValueError) as err:
         print(f"neat report: {err}", file=sys.stderr)
         return 2
-    overrides = {"val_files": args.val_files} if args.val_files else {}
-    dm = load_datamodule(args.config, overrides)
+    console = Console()
+    console.print(f"checkpoint: {describe_checkpoint(args.ckpt)}")
     dm.setup("validate")
     val = dm.val_bytes()
 
+    n_params = f"{sum(p.numel() for p in model.parameters()):,} params"
     results = {"model": model_bpb(model, dm.val_dataloader()), **compression_bpb(val)}
     table = Table(title=f"Validation bits per byte ({len(val):,} bytes, {len(dm.val_docs)} documents)")
     table.add_column("method")
     table.add_column("bpb", justify="right")
     table.add_column("vs xz -9e", justify="right")
     for name, bpb in results.items():
-        label = f"ByteLM ({sum(p.numel() for p in model.parameters()):,} params)" if name == "model" else name
+        label = f"ByteLM ({n_params})" if name == "model" else name
         table.add_row(label, f"{bpb:.3f}", f"{bpb / results['xz -9e'] - 1:+.1%}")
-    console = Console()
     console.print(table)
+    beats = results["model"] < results["xz -9e"]
+    console.print(f"ByteLM {'beats' if beats else 'does NOT beat'} xz -9e on the same validation bytes.")
+
+    ood_result = None
+    if ood is not None:
+        paths, data = ood
+        console.print(f"out-of-domain text: {describe_input(paths, data)}")
+        passes = score_bytes(model, data, settings, args.adapt, device)
+        compressors = compression_bpb(data)
+        ood_result = results_dict(data, passes, compressors, sum(p.seconds for p in passes))
+        ood_result["files"] = [str(p) for p in paths]
+        print_table(f"Out-of-domain bits per byte ({len(data):,} bytes, {len(paths)} files: {', '.join(args.ood)}; "
+                    f"{describe_settings(settings, args.adapt)})", f"ByteLM ({n_params})", data, passes,
+                    compressors, console)
+        for line in verdicts(ood_result):
+            console.print(line)
 
     prompts = _prompts(val, args.samples)
     samples = model.generate_text(prompts, args.sample_bytes, temperature=0.8, top_k=40, seed=0)
@@ -104,12 +139,26 @@ def main(argv: list[str]) -> int:
         sample_table.add_row(repr(p), repr(s))
     console.print(sample_table)
 
-    beats = results["model"] < results["xz -9e"]
-    console.print(f"ByteLM {'beats' if beats else 'does NOT beat'} xz -9e on the same validation bytes.")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"bpb": results, "val_bytes": len(val), "samples": samples}, indent=2))
+        report = {"checkpoint": checkpoint_summary(args.ckpt), "bpb": results, "val_bytes": len(val),
+                  "samples": samples}
+        if ood_result is not None:
+            report["ood"] = ood_result
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def verdicts(result: dict) -> list[str]:
+    """Out-of-domain static bpb against gzip -9 and the adaptive bpb against xz -9e, in words."""
+    static, gz, xz = result["bpb"], result["gzip9"], result["xz9e"]
+    lines = [(f"Out of domain, static: {static:.3f} bpb, {static / gz - 1:+.1%} vs gzip -9 ({gz:.3f}), "
+              f"{static / xz - 1:+.1%} vs xz -9e ({xz:.3f}).")]
+    if "bpb_adaptive" in result:
+        adaptive = result["bpb_adaptive"]
+        lines.append(f"Out of domain, adaptive: {adaptive:.3f} bpb, {adaptive / xz - 1:+.1%} vs xz -9e, "
+                     f"{adaptive / static - 1:+.1%} vs static.")
+    return lines
 
 
 def _prompts(val: bytes, n: int) -> list[str]:

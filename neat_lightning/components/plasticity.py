@@ -8,8 +8,14 @@ connections with :func:`gather_neighbours`: no Python loop over cells or connect
 lattice's time steps (STDP needs their order). Rules return weight changes; :func:`plasticity_update` applies them
 under ``torch.no_grad`` between optimiser steps, clamps, and keeps pruned connections at zero.
 
-Profiles (``discovery`` → ``learning`` → ``consolidation`` → ``freeze``) scale each rule's learning rate and raise the
-activity threshold that turns activity into spikes, from 0.01 to 0.1.
+Profiles (``discovery`` → ``learning`` → ``consolidation`` → ``freeze``, and ``balanced``: every rule at half rate)
+scale each rule's learning rate and set the activity threshold that turns activity into spikes, from 0.01 to 0.1;
+:func:`with_threshold` gives a profile any other threshold (a stage table sets one per stage).
+
+Emergence feedback (optional, ``PlasticityConfig.emergence_feedback``): the spectral emergence measure, computed per
+window of cells (:func:`local_structure`: 1 − normalised spectral entropy of the window's activity, 0 for a flat
+window), scales every cell's plasticity — amplified where structure forms, damped where it does not
+(:func:`emergence_gain`) — and can weight magnitude pruning (:func:`magnitude_prune_mask` with ``scale``).
 
 References: STDP with traces — Morrison, Diesmann & Gerstner 2008, "Phenomenological models of synaptic plasticity
 based on spike timing", eq. (3)-(5): ``Δw = A₊·x_pre·s_post − A₋·x_post·s_pre``. BCM — Bienenstock, Cooper & Munro
@@ -21,7 +27,9 @@ Axis legend: ``d h w`` lattice depth/height/width, ``k`` the 26 neighbour direct
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,7 +70,7 @@ def gather_neighbours(field: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 # profiles
 
-ProfileName = Literal["discovery", "learning", "consolidation", "freeze"]
+ProfileName = Literal["discovery", "learning", "consolidation", "freeze", "balanced"]
 
 PROFILES: dict[str, PlasticityProfile] = {
     # explore: timing-driven growth dominates, low threshold so most cells can spike
@@ -73,6 +81,8 @@ PROFILES: dict[str, PlasticityProfile] = {
     "consolidation": PlasticityProfile("consolidation", stdp=0.1, bcm=0.2, competitive=1.0, activity_threshold=0.06),
     # freeze: no plasticity at all
     "freeze": PlasticityProfile("freeze", stdp=0.0, bcm=0.0, competitive=0.0, activity_threshold=0.1),
+    # every rule at half rate, a low threshold: a steady middle ground when no stage table drives the profile
+    "balanced": PlasticityProfile("balanced", stdp=0.5, bcm=0.5, competitive=0.5, activity_threshold=0.02),
 }
 
 
@@ -81,6 +91,16 @@ def profile_by_name(name: str) -> PlasticityProfile:
     if name not in PROFILES:
         raise ValueError(f"plasticity profile {name!r} is unknown; known profiles: {list(PROFILES)}")
     return PROFILES[name]
+
+
+def with_threshold(profile: PlasticityProfile, threshold: float | None) -> PlasticityProfile:
+    """``profile`` with its spike threshold replaced by ``threshold`` (None keeps it); the threshold must be in
+    [0, 1) (activity is ``tanh`` of a mean magnitude)."""
+    if threshold is None:
+        return profile
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"activity_threshold={threshold} must be in [0, 1)")
+    return dataclasses.replace(profile, activity_threshold=float(threshold))
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,12 @@ class PlasticityConfig:
     w_max: float = 2.0
     enabled: bool = True  # apply plasticity after each optimiser step
     profile: ProfileName = "discovery"  # the profile in force until a PlasticityStages table switches it
+    # emergence feedback: scale each cell's plasticity by the local structure of the activity (see emergence_gain)
+    emergence_feedback: bool = False
+    emergence_window: int = 4  # side, in cells, of the windows whose spectral structure is measured
+    emergence_strength: float = 1.0  # gain = clamp(1 + strength·(structure − mean structure), 0, 1 + strength)
+    # emergence-aware pruning: the pruning score |w| is scaled by (1 − p) + p·structure of the receiving cell
+    emergence_pruning: float = 0.0
 
     def __post_init__(self) -> None:
         profile_by_name(self.profile)  # an unknown name raises, listing the known ones
@@ -110,9 +136,13 @@ class PlasticityConfig:
             raise ValueError(f"top_k={self.top_k} must be in [1, {N_NEIGHBOURS}]")
         if self.w_min >= self.w_max:
             raise ValueError(f"w_min={self.w_min} must be < w_max={self.w_max}")
-        for name in ("a_plus", "a_minus", "bcm_rate", "competitive_rate"):
+        for name in ("a_plus", "a_minus", "bcm_rate", "competitive_rate", "emergence_strength"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.emergence_window < 2:
+            raise ValueError(f"emergence_window={self.emergence_window} must be >= 2 cells")
+        if not 0.0 <= self.emergence_pruning <= 1.0:
+            raise ValueError(f"emergence_pruning={self.emergence_pruning} must be in [0, 1]")
 
 
 @dataclass
@@ -188,7 +218,7 @@ def bcm_delta(
 
 
 def competitive_update(
-    weights: torch.Tensor, pre: torch.Tensor, rate: float, top_k: int, mask: torch.Tensor | None = None
+    weights: torch.Tensor, pre: torch.Tensor, rate: float | torch.Tensor, top_k: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Competitive learning over each cell's incoming connections (Rumelhart & Zipser 1985).
 
@@ -199,6 +229,7 @@ def competitive_update(
     Args:
         weights: (D, H, W, 26) non-negative connection weights.
         pre: (D, H, W, 26) presynaptic activity.
+        rate: the boost/inhibition, a float or a per-cell (D, H, W, 1) tensor.
         mask: (D, H, W, 26) bool, False for pruned connections (they can never win and stay zero).
 
     Returns:
@@ -226,7 +257,9 @@ def plasticity_update(
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PlasticityState]:
     """The combined rule: ``profile.stdp``·STDP + ``profile.bcm``·BCM, then competition at ``profile.competitive``,
-    then clamping to ``[w_min, w_max]`` and zeroing pruned connections.
+    then clamping to ``[w_min, w_max]`` and zeroing pruned connections. With ``config.emergence_feedback`` the
+    weight change and the competition rate of every receiving cell are scaled by :func:`emergence_gain` of the local
+    structure of the last step's activity.
 
     Args:
         weights: (D, H, W, 26) connection weights.
@@ -244,6 +277,10 @@ def plasticity_update(
         )
     trace, theta = state.trace, state.theta
     delta = torch.zeros_like(weights)
+    gain = None  # (D, H, W, 1) emergence feedback on each receiving cell's plasticity
+    if config.emergence_feedback:
+        structure = local_structure(activity[-1], config.emergence_window)
+        gain = emergence_gain(structure, config.emergence_strength)[..., None].to(weights.dtype)
     if profile.stdp:
         spikes = spikes_from_activity(activity, profile.activity_threshold)
         d_stdp, trace = stdp_delta(spikes, trace, config.a_plus, config.a_minus, config.trace_decay)
@@ -253,9 +290,12 @@ def plasticity_update(
     if profile.bcm:
         d_bcm, theta = bcm_delta(pre, mean_activity, theta, config.bcm_rate, config.bcm_tau)
         delta += profile.bcm * d_bcm
+    if gain is not None:
+        delta = delta * gain
     new = (weights + delta).clamp(config.w_min, config.w_max)
     if profile.competitive:
-        new = competitive_update(new, pre, profile.competitive * config.competitive_rate, config.top_k, mask)
+        rate = profile.competitive * config.competitive_rate
+        new = competitive_update(new, pre, rate if gain is None else rate * gain, config.top_k, mask)
         new = new.clamp(config.w_min, config.w_max)
     if mask is not None:
         new = new * mask
@@ -322,14 +362,19 @@ def naive_plasticity_update(
     return w, PlasticityState(trace, theta)
 
 
-def magnitude_prune_mask(weights: torch.Tensor, mask: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Global magnitude pruning: the new mask keeps the largest ``|w|`` so that a ``sparsity`` fraction of all
-    connections is pruned. Already-pruned connections stay pruned (the mask only shrinks).
+def magnitude_prune_mask(
+    weights: torch.Tensor, mask: torch.Tensor, sparsity: float, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Global magnitude pruning: the new mask keeps the largest ``|w|`` (times ``scale`` of the receiving cell, when
+    given) so that a ``sparsity`` fraction of all connections is pruned. Already-pruned connections stay pruned (the
+    mask only shrinks).
 
     Args:
         weights: (D, H, W, 26) connection weights.
         mask: (D, H, W, 26) bool, True for alive connections.
         sparsity: target fraction of pruned connections in [0, 1).
+        scale: (D, H, W) non-negative per-cell factor of the score (emergence-aware pruning:
+            :func:`emergence_prune_scale`), or None for plain magnitude pruning.
 
     Returns:
         (D, H, W, 26) bool mask with ``max(current, round(sparsity·n))`` pruned connections.
@@ -340,9 +385,65 @@ def magnitude_prune_mask(weights: torch.Tensor, mask: torch.Tensor, sparsity: fl
     n_prune = int(round(sparsity * n))
     if n_prune <= int((~mask).sum()):
         return mask.clone()
-    score = weights.abs().masked_fill(~mask, -1.0).reshape(-1)  # pruned ones sort first
+    score = weights.abs() if scale is None else weights.abs() * scale[..., None]
+    score = score.masked_fill(~mask, -1.0).reshape(-1)  # pruned ones sort first
     # stable sort: ties broken by position, so pruning is deterministic across runs and resumes
     order = torch.sort(score, stable=True).indices
     new = torch.ones(n, dtype=torch.bool, device=mask.device)
     new[order[:n_prune]] = False
     return new.reshape(mask.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# emergence feedback
+
+
+def local_structure(activity: torch.Tensor, window: int) -> torch.Tensor:
+    """Spectral structure of an activity field per window of cells, as a per-cell field.
+
+    The field is cut into ``window``-sided blocks (each side at most the lattice's; the last blocks are padded by
+    replicating the edge); in each block the mean is removed and the normalised spectral entropy ``e`` of its FFT
+    power without the DC term is computed, as :func:`~neat_lightning.components.lattice.spectral_emergence` does for
+    the whole lattice. Structure is ``1 − e``: 1 for a single plane wave, ~0 for noise, and 0 for a flat block.
+
+    Args:
+        activity: (D, H, W) float.
+        window: block side in cells (>= 2).
+
+    Returns:
+        (D, H, W) float in [0, 1], every cell carrying its block's structure.
+    """
+    D, H, W = activity.shape
+    kd, kh, kw = (min(window, n) for n in (D, H, W))
+    n_freq = kd * kh * kw - 1
+    if n_freq < 2:
+        return torch.zeros_like(activity, dtype=torch.float32)
+    pad = [(-n) % k for n, k in zip((D, H, W), (kd, kh, kw))]
+    x = F.pad(activity.float()[None, None], (0, pad[2], 0, pad[1], 0, pad[0]), mode="replicate")[0, 0]
+    blocks = rearrange(x, "(pd kd) (ph kh) (pw kw) -> pd ph pw kd kh kw", kd=kd, kh=kh, kw=kw)
+    field = blocks - blocks.mean(dim=(-3, -2, -1), keepdim=True)
+    power = torch.fft.fftn(field, dim=(-3, -2, -1)).abs().square()
+    power = rearrange(power, "pd ph pw kd kh kw -> pd ph pw (kd kh kw)")[..., 1:]  # drop DC
+    total = power.sum(-1)  # (pd, ph, pw)
+    p = power / total.clamp_min(1e-30)[..., None]
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(n_freq)
+    flat = total <= 1e-12 * torch.clamp(field.abs().amax(dim=(-3, -2, -1)).square(), min=1.0)
+    structure = torch.where(flat, torch.zeros_like(entropy), (1.0 - entropy).clamp(0.0, 1.0))
+    for dim, k in enumerate((kd, kh, kw)):  # back to cells: each block's value on its cells
+        structure = structure.repeat_interleave(k, dim=dim)
+    return structure[:D, :H, :W]
+
+
+def emergence_gain(structure: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-cell plasticity gain from local structure (D, H, W): ``1 + strength·(s − mean s)``, clamped to
+    ``[0, 1 + strength]`` — above 1 where structure forms beyond the lattice's average, below 1 where it does not;
+    1 everywhere for a uniform field or ``strength = 0``."""
+    return (1.0 + strength * (structure - structure.mean())).clamp(0.0, 1.0 + strength)
+
+
+def emergence_prune_scale(structure: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-cell factor of the pruning score, ``(1 − weight) + weight·structure``: connections into cells without
+    structure are pruned first; ``weight = 0`` is plain magnitude pruning."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"emergence_pruning={weight} must be in [0, 1]")
+    return (1.0 - weight) + weight * structure

@@ -1,7 +1,9 @@
 """ByteLM: the small byte-level language model of the Byte Latent Transformer (BLT).
 
 It predicts the next byte, reports bits per byte, generates text with a KV cache (the ``TextGenerator`` protocol),
-and its next-byte entropies drive entropy patching (:mod:`neat_lightning.components.patching`).
+and its next-byte entropies drive entropy patching (:mod:`neat_lightning.components.patching`). It keeps an episodic
+buffer of training windows that sleep replays (``MemoryConsolidator`` / ``MemoryPrunable``,
+:mod:`neat_lightning.modules.replay`) while a callback such as SleepWakeConsolidation plans its steps.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import Metric
 
+from neat_lightning.components.episodic_buffer import EpisodicConfig
 from neat_lightning.components.transformer import ByteTransformer, TransformerConfig
 from neat_lightning.components.sampling import eval_mode, sample
 from neat_lightning.codec import EOS_ID, PAD_ID, VOCAB_SIZE
 from neat_lightning.modules.base import ResumableModule
 from neat_lightning.modules.generation import TextGenerationMixin
 from neat_lightning.modules.optim import default_adamw
+from neat_lightning.modules.replay import ConsolidationMixin, ReplayTerms, episodic_config, store_config
 
 
 class NatsPerByte(Metric):
@@ -44,7 +48,7 @@ class NatsPerByte(Metric):
         return self.nats / self.count, self.count
 
 
-class ByteLM(TextGenerationMixin, ResumableModule):
+class ByteLM(TextGenerationMixin, ConsolidationMixin, ResumableModule):
     """Next-byte language model over BLT's 260-id byte vocabulary.
 
     Batches are ``(B, T + 1)`` int64 id windows (inputs ``[:, :-1]``, targets ``[:, 1:]``); PAD targets are ignored.
@@ -64,6 +68,7 @@ class ByteLM(TextGenerationMixin, ResumableModule):
         warmup_steps: linear warm-up steps of the default schedule, then cosine decay to
             ``min_lr_ratio * learning_rate`` at the trainer's last step.
         min_lr_ratio: final learning rate as a fraction of the peak.
+        episodic: the buffer of training windows that sleep replays (``surprise`` must be ``"loss"``).
     """
 
     def __init__(
@@ -81,15 +86,21 @@ class ByteLM(TextGenerationMixin, ResumableModule):
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        episodic: EpisodicConfig = EpisodicConfig(),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        episodic = episodic_config(episodic)
+        if episodic.surprise != "loss":
+            raise ValueError(f"episodic.surprise={episodic.surprise!r}: ByteLM has no Titans memory; use 'loss'")
+        self.save_hyperparameters(ignore=["episodic"])
+        store_config(self, episodic)
         self.config = TransformerConfig(
             vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, heads=heads, block_size=block_size, window=window,
             mlp_hidden=mlp_hidden, dropout=dropout, tie_weights=tie_weights, rope_base=rope_base,
         )
         self.model = ByteTransformer(self.config)
         self.eval_nats = NatsPerByte()  # the running validation/test epoch
+        self.init_consolidation(episodic)
 
     # -- model -----------------------------------------------------------------------------------------------------
 
@@ -105,10 +116,30 @@ class ByteLM(TextGenerationMixin, ResumableModule):
         return loss, int((y != PAD_ID).sum())
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss, _ = self.loss(batch)
+        plan = self.take_plan()  # set by a MemoryConsolidator callback; None: an ordinary step
+        if plan is not None and plan.sleep:
+            return self.sleep_step(plan)  # the data's batch is not used
+        if plan is None:
+            loss, _ = self.loss(batch)
+        else:
+            rows, slots = self.wake_rows(batch, plan)
+            terms = self.replay_terms(rows)
+            self.remember(rows, terms, slots)
+            loss = terms.loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpb", loss / math.log(2))
         return loss
+
+    def replay_terms(self, rows: dict[str, torch.Tensor]) -> ReplayTerms:
+        """``rows["ids"]`` (B, T + 1) -> mean next-byte loss over non-PAD targets, per-window loss (B,), logits."""
+        ids = rows["ids"]
+        x, y = ids[:, :-1], ids[:, 1:]
+        logits = self(x)
+        nats = F.cross_entropy(rearrange(logits, "b t v -> b v t").float(), y, ignore_index=PAD_ID, reduction="none")
+        mask = y != PAD_ID
+        m = mask.float()
+        loss = (nats * m).sum() / m.sum().clamp_min(1.0)
+        return ReplayTerms(loss, (nats * m).sum(1) / m.sum(1).clamp_min(1.0), logits, mask, x, y, {})
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, n = self.loss(batch)

@@ -16,8 +16,9 @@ episodic memory that sleep-wake consolidation replays. One batch through :meth:`
 :class:`~neat_lightning.modules.neat_output.NeatOutput`; with the BLT front end its patch lengths are computed once
 per step and passed explicitly to every forward of that step.
 
-The module implements ``TextGenerator`` (``generate_text``), ``MemoryConsolidator`` (``memory_snapshot``,
-``consolidate``, ``reset_short_term``), ``MemoryPrunable`` and ``ComponentSwitchable``. Which components are active
+The module implements ``TextGenerator`` (``generate_text``), ``MemoryConsolidator`` and ``MemoryPrunable`` (an
+episodic buffer of training windows replayed through the whole model in sleep, :mod:`neat_lightning.modules.replay`)
+and ``ComponentSwitchable``. Which components are active
 is written to checkpoints (``"neat_components"``) and replayed before the weights load, so
 ``NeatModel.load_from_checkpoint(path)`` alone rebuilds it; SVF's decomposition and ``z`` vectors are buffers and
 parameters of the state dict.
@@ -37,6 +38,7 @@ from torch import nn
 
 from neat_lightning.codec import PAD_ID, VOCAB_SIZE, VisualVocab
 from neat_lightning.components.blt import BLTConfig, BLTProcessor
+from neat_lightning.components.episodic_buffer import EpisodicConfig
 from neat_lightning.components.mvot import MVoTPath
 from neat_lightning.components.neat_backbone import BackboneOutput, NeatBackbone
 from neat_lightning.components.svf import TaskDispatcher, inject_svf, svf_layers, svf_mixture
@@ -48,6 +50,8 @@ from neat_lightning.modules.neat_config import MVoTConfig, SVFConfig, upgrade_hp
 from neat_lightning.modules.neat_generation import NeatGenerationMixin
 from neat_lightning.modules.neat_output import NeatOutput, NeatValidationMetrics
 from neat_lightning.modules.optim import default_adamw
+from neat_lightning.modules.replay import ConsolidationMixin, ReplayTerms, episodic_config
+from neat_lightning.protocols import ReplayPlan
 from neat_lightning.modules.vqvae import check_tokenizer_matches
 
 COMPONENTS_KEY = "neat_components"
@@ -63,7 +67,7 @@ def typed(value: Any, cls: type, field: str) -> Any:
     return value
 
 
-class NeatModel(NeatGenerationMixin, ResumableModule):
+class NeatModel(NeatGenerationMixin, ConsolidationMixin, ResumableModule):
     """Byte transformer with switchable Titans memory, Transformer² SVF experts and MVoT visual tokens.
 
     Batches are the :class:`~neat_lightning.data.math.MathDataModule` dicts (``ids`` (B, T + 1), ``answer_ids``,
@@ -104,6 +108,8 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
             Switched off (``set_component_active``), L_D and the decision loss are skipped and generation writes
             text only.
         mvot_config: the VQ-VAE checkpoint, visual vocabulary, image size and loss weights (:class:`MVoTConfig`).
+        episodic: the buffer of training windows that sleep replays (:class:`EpisodicConfig`; filled only while a
+            callback such as SleepWakeConsolidation plans the steps).
         learning_rate, weight_decay, warmup_steps, min_lr_ratio: the default AdamW + warm-up/cosine schedule.
     """
 
@@ -129,6 +135,7 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         answer_weight: float = 1.0,
         mvot: bool = False,
         mvot_config: MVoTConfig = MVoTConfig(),
+        episodic: EpisodicConfig = EpisodicConfig(),
         learning_rate: float = 3e-3,
         weight_decay: float = 0.1,
         warmup_steps: int = 100,
@@ -145,6 +152,9 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         blt_config = typed(blt_config, BLTConfig, "blt_config")
         svf_config = typed(svf_config, SVFConfig, "svf_config")
         mvot_config = typed(mvot_config, MVoTConfig, "mvot_config")
+        episodic = episodic_config(episodic)
+        if episodic.surprise == "titans" and not titans:
+            raise ValueError("episodic.surprise='titans' needs the Titans memory (titans=True); use 'loss'")
         if mvot and mvot_config.vqvae_ckpt is None:
             raise ValueError(
                 "mvot=True needs mvot_config.vqvae_ckpt: the path of a trained VQVAE checkpoint (modules.VQVAE)"
@@ -158,7 +168,7 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         # mvot with BLT entropy patching: BLTProcessor.patch_lengths hides ids >= 260 from the 260-id entropy ByteLM
         # (PAD in their place) and makes each of them a patch of its own (components/blt.py, tested there)
         groups = {"titans_config": titans_config, "blt_config": blt_config, "svf_config": svf_config,
-                  "mvot_config": mvot_config}
+                  "mvot_config": mvot_config, "episodic": episodic}
         self.save_hyperparameters(ignore=list(groups))
         for name, group in groups.items():  # plain values: checkpoints load with weights_only=True
             self.hparams[name] = asdict(group)
@@ -200,6 +210,7 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         for name in built:
             self.set_component_active(name, name in active_components)
         self.val_metrics = NeatValidationMetrics(TASK_TYPES)
+        self.init_consolidation(episodic)
 
     @classmethod
     def upgrade_format(cls, checkpoint: dict[str, Any], found: int) -> list[str]:
@@ -396,7 +407,16 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         return NeatOutput(loss, nats, valid, logits, seg, task, out, lengths, mvot_terms, dispatch_loss, dispatch_acc)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        out = self.loss_terms(batch, record=self.is_active("titans"))
+        plan = self.take_plan()  # set by a MemoryConsolidator callback; None: an ordinary step
+        if plan is not None and plan.sleep:
+            return self.sleep_step(plan)  # the data's batch is not used
+        if plan is None:
+            out = self.loss_terms(batch, record=self.is_active("titans"))
+        else:
+            rows, slots = self.wake_rows(batch, plan)
+            terms = self.replay_terms(rows, record=self.is_active("titans"))
+            self.remember(rows, terms, slots)
+            out = terms.output
         loss = out.loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpb", (out.nats * out.valid).sum() / out.valid.sum().clamp_min(1) / math.log(2))
@@ -462,36 +482,59 @@ class NeatModel(NeatGenerationMixin, ResumableModule):
         decay["params"] = [p for p in decay["params"] if id(p) not in z_ids]
         return config
 
-    # -- MemoryConsolidator, MemoryPrunable (the episodic memory lives in the backbone) -----------------------------
+    # -- MemoryConsolidator, MemoryPrunable: replay of stored windows (modules/replay.py) ---------------------------
 
-    def memory_snapshot(self) -> dict[str, torch.Tensor]:
-        """High-surprise items of every memory block: ``keys`` (M, d), ``values`` (M, d), ``importance`` (M,),
-        ``layer`` (M,) int64 (which memory block holds the item)."""
+    def replay_terms(self, rows: dict[str, torch.Tensor], record: bool = False) -> ReplayTerms:
+        """Rows (``ids`` (B, T + 1), optionally ``answer_ids``, ``task``) -> the step loss (with the dispatcher's),
+        the per-window loss weighted as the loss is (completion bytes ``answer_weight``), the Titans surprise per
+        window and the SVF mix the distillation teacher must use."""
+        out = self.loss_terms(rows, record=record)
+        weight = out.valid.float()
+        if out.seg is not None and self.hparams.answer_weight != 1.0:
+            weight = torch.where(out.seg > 0, weight * self.hparams.answer_weight, weight)
+        row_loss = (out.nats * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # (B,)
+        loss = out.loss + out.dispatch_loss if out.dispatch_loss is not None else out.loss
+        stats = out.backbone.stats
+        surprise = torch.stack([s.token_surprise.mean(1) for s in stats]).mean(0).detach() if stats else None
+        task = rows.get("task")
+        kwargs = {"mix": self.expert_mix(task)} if self.is_active("svf") and task is not None else {}
+        ids = rows["ids"]
+        return ReplayTerms(loss, row_loss, out.logits, out.valid, ids[:, :-1], ids[:, 1:], kwargs, surprise, out)
+
+    def sleep_memory_loss(self, plan: ReplayPlan) -> torch.Tensor | None:
+        """Titans slow-memory consolidation: the importance-weighted associative loss of each memory block's
+        ``plan.memory_items`` most important items under the slow memory weights (None without items)."""
+        return self.model.consolidation_loss(plan.memory_items) if self.is_active("titans") else None
+
+    def prune_short_term(self, fraction: float) -> int:
+        return self.model.prune_memory(fraction)
+
+    def forget_short_term(self) -> None:
+        self.model.reset_short_term()
+
+    # -- the Titans memory's associative items (the backbone's episodic items) -------------------------------------
+
+    def memory_items(self) -> dict[str, torch.Tensor]:
+        """High-surprise associative items of every memory block: ``keys`` (M, d), ``values`` (M, d),
+        ``importance`` (M,), ``layer`` (M,) int64 (which memory block holds the item)."""
         return self.model.memory_snapshot()
 
     def consolidation_loss(
         self, max_items: int | None = None, items: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor | None:
-        """Importance-weighted associative loss of episodic items under the slow memory weights, averaged over
+        """Importance-weighted associative loss of the memory items under the slow memory weights, averaged over
         memory blocks (differentiable; ``None`` when nothing is stored). See :meth:`NeatBackbone.consolidation_loss`."""
         return self.model.consolidation_loss(max_items, items)
 
-    def consolidate(
+    def consolidate_memory(
         self, steps: int = 1, lr: float = 1e-2, max_items: int | None = 512,
         items: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """Replay episodic items into the slow memory weights: ``steps`` SGD steps of :meth:`consolidation_loss`
-        on the memories' initial weights only (each block's ``max_items`` most important items, or the replay set
-        ``items`` in :meth:`memory_snapshot`'s layout). Returns the loss before and after and the item count."""
+        """Fit the slow memory weights to the memory items in place: ``steps`` SGD steps of
+        :meth:`consolidation_loss` (each block's ``max_items`` most important items, or the replay set ``items`` in
+        :meth:`memory_items`' layout). Returns the loss before and after and the item count. A sleep step uses the
+        same loss as a term of its optimizer step instead (``ReplayPlan.memory_weight``), which DDP all-reduces."""
         return self.model.consolidate(steps, lr, max_items, items)
-
-    def prune_memory(self, fraction: float) -> int:
-        """Empty the lowest-importance ``fraction`` of the filled episodic slots; returns how many were emptied."""
-        return self.model.prune_memory(fraction)
-
-    def reset_short_term(self) -> None:
-        """Forget the episodic (short-term) buffers; fast weights are per call and never outlive it."""
-        self.model.reset_short_term()
 
 
 def load_entropy_model(path: str | None) -> nn.Module:

@@ -121,3 +121,22 @@ def test_table_validation(stages, match):
 def test_batch_size_of():
     assert batch_size_of({"question": torch.zeros(5, 3)}) == 5
     assert batch_size_of((torch.zeros(2), torch.zeros(3))) == 2
+
+
+def test_stage_thresholds_override_the_profile(tmp_path):
+    """0.01, 0.02, 0.03, 0.05 and 0.1 set per stage, on the module's profile in force at each step."""
+    torch.manual_seed(0)
+    thresholds = [0.01, 0.02, 0.03, 0.05, 0.1]
+    stages = [Stage(i, "balanced" if i % 2 else "learning", activity_threshold=t) for i, t in enumerate(thresholds)]
+    seen = []
+
+    class Thresholds(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.profile.name, pl_module.profile.activity_threshold))
+
+    trainer(tmp_path, 5, [PlasticityStages(stages), Thresholds()]).fit(LatticeNetwork(**TINY), data())
+    assert seen == [("learning", 0.01), ("balanced", 0.02), ("learning", 0.03), ("balanced", 0.05),
+                    ("learning", 0.1)]
+    with pytest.raises(ValueError, match=r"stages\[0\].activity_threshold=1.5 must be in \[0, 1\)"):
+        PlasticityStages([Stage(0, activity_threshold=1.5)])
+    assert PlasticityStages([Stage(0, "balanced")]).stages[0].activity_threshold is None

@@ -1,9 +1,11 @@
-"""``neat report``: a ByteLM's validation bpb next to gzip/bz2/xz on the same bytes, as a table and as JSON."""
+"""``neat report``: a ByteLM's validation bpb next to gzip/bz2/xz on the same bytes, the same on an out-of-domain
+text (static and adaptive), as a table and as JSON, naming the checkpoint it evaluates."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +20,7 @@ from tests.conftest import neat
 TRAIN = "The quick brown fox jumps over the lazy dog; the lazy dog sleeps on under the warm afternoon sun.\n" * 30
 VAL = ("Pack my box with five dozen liquor jugs, said the quiet grocer to the very late customer.\n"
        "How vexingly quick daft zebras jump over the sleeping fox and its companions in the field.\n") * 4
+OOD = "Sphinx of black quartz, judge my vow; the five boxing wizards jump quickly over the fence.\n" * 6
 METHODS = ["model", "gzip -9", "bz2 -9", "xz -9e"]
 
 
@@ -27,6 +30,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report")
     (root / "train.txt").write_text(TRAIN)
     (root / "val.txt").write_text(VAL)
+    (root / "ood_a.md").write_text(OOD[:200])
+    (root / "ood_b.md").write_text(OOD[200:])
     data = {"train_files": [str(root / "train.txt")], "val_files": [str(root / "val.txt")], "block_size": 32,
             "batch_size": 4, "batches_per_epoch": 3}
     config = root / "tiny.yaml"
@@ -57,6 +62,8 @@ def check(result: dict, printed: str, run) -> None:
     assert result["bpb"]["model"] == pytest.approx(validation_bpb(run), rel=1e-5)
     assert len(result["samples"]) == 2 and all(isinstance(s, str) for s in result["samples"])
     printed = " ".join(printed.split())  # rich wraps the titles to the table's width
+    assert result["checkpoint"]["path"] == str(run["ckpt"]) and result["checkpoint"]["global_step"] == 3
+    assert f"checkpoint: {run['ckpt']} (global step 3, written " in printed
     assert f"Validation bits per byte ({len(VAL.encode()):,} bytes, 1 documents)" in printed
     for label in ("ByteLM (", "gzip -9", "bz2 -9", "xz -9e", "vs xz -9e", "Samples (temperature 0.8, top-k 40)"):
         assert label in printed, label
@@ -72,9 +79,35 @@ def test_report_table_and_json(run, tmp_path, capsys):
     check(json.loads(out.read_text()), capsys.readouterr().out, run)
 
 
+def test_report_out_of_domain_static_and_adaptive(run, tmp_path, capsys):
+    """``--ood`` globs are concatenated in sorted order and scored as `neat score` scores them; ``--adapt`` adds the
+    prequential pass. The checkpoint file is not written."""
+    from neat_lightning.commands.score import ScoreSettings, load_scorer, score_bytes
+    from neat_lightning.commands.score import compression_bpb as score_compression
+
+    out = tmp_path / "report.json"
+    before = run["ckpt"].read_bytes()
+    code = main(["--config", str(run["config"]), "--ckpt", str(run["ckpt"]), "--samples", "1", "--sample-bytes", "4",
+                 "--ood", str(run["root"] / "ood_*.md"), "--adapt", "--context", "32", "--lr", "3e-3",
+                 "--json", str(out)])
+    assert code == 0 and run["ckpt"].read_bytes() == before
+    ood = json.loads(out.read_text())["ood"]
+    data = OOD.encode()
+    assert ood["bytes"] == len(data) and ood["files"] == [str(run["root"] / f"ood_{x}.md") for x in "ab"]
+    assert (ood["gzip9"], ood["bz2_9"], ood["xz9e"]) == tuple(score_compression(data).values())
+    static, adaptive = score_bytes(load_scorer(run["ckpt"]), data, ScoreSettings(context=32, lr=3e-3), adapt=True)
+    assert ood["bpb"] == pytest.approx(static.bpb) and ood["bpb_adaptive"] == pytest.approx(adaptive.bpb)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"Out-of-domain bits per byte ({len(data):,} bytes, 2 files:" in printed
+    assert f"Out of domain, static: {static.bpb:.3f} bpb" in printed
+    assert f"Out of domain, adaptive: {adaptive.bpb:.3f} bpb" in printed
+
+
 def test_report_errors_name_the_option(run, tmp_path, capsys):
     assert main(["--config", str(run["config"]), "--ckpt", str(tmp_path / "none.ckpt")]) == 2
     assert "neat report: --ckpt: no such file:" in capsys.readouterr().err
+    assert main(["--config", str(run["config"]), "--ckpt", str(run["ckpt"]), "--ood", str(tmp_path / "*.none")]) == 2
+    assert re.search(r"^neat report: --ood: the glob '.*\*\.none' matches no file$", capsys.readouterr().err.strip())
 
 
 @pytest.mark.slow

@@ -146,3 +146,99 @@ def test_config_names_a_known_initial_profile():
     assert PlasticityConfig().profile == "discovery" and PlasticityConfig().enabled
     with pytest.raises(ValueError, match="plasticity profile 'nap' is unknown; known profiles"):
         PlasticityConfig(profile="nap")
+
+
+# -- balanced profile, per-stage thresholds, emergence feedback ------------------------------------------------------
+
+
+def test_balanced_profile_and_any_threshold_is_expressible():
+    from neat_lightning.components.plasticity import with_threshold
+
+    b = profile_by_name("balanced")
+    assert (b.stdp, b.bcm, b.competitive, b.activity_threshold) == (0.5, 0.5, 0.5, 0.02)
+    for t in (0.01, 0.02, 0.03, 0.05, 0.1):
+        p = with_threshold(PROFILES["learning"], t)
+        assert p.activity_threshold == t and p.bcm == PROFILES["learning"].bcm
+    assert with_threshold(b, None) is b
+    with pytest.raises(ValueError, match=r"activity_threshold=1.0 must be in \[0, 1\)"):
+        with_threshold(b, 1.0)
+    assert PlasticityConfig(profile="balanced").profile == "balanced"
+
+
+def test_local_structure_is_high_for_a_plane_wave_low_for_noise_zero_when_flat():
+    from neat_lightning.components.plasticity import local_structure
+
+    x = torch.arange(16.0)
+    wave = torch.cos(x * torch.pi / 2)[None, None, :].expand(2, 8, 16)  # period 4 along w
+    torch.manual_seed(0)
+    noise = torch.rand(2, 8, 16)
+    s_wave, s_noise = local_structure(wave, 4), local_structure(noise, 4)
+    assert s_wave.shape == (2, 8, 16) and float(s_wave.min()) > 0.6
+    assert float(s_noise.mean()) < 0.35
+    assert float(local_structure(torch.full((2, 8, 16), 0.3), 4).abs().max()) == 0.0
+    half = torch.cat([wave[:, :, :8], noise[:, :, 8:]], dim=-1)  # structure on the left half only
+    s = local_structure(half, 4)
+    assert float(s[:, :, :8].mean()) > float(s[:, :, 8:].mean()) + 0.3
+    assert local_structure(torch.rand(1, 9, 9), 4).shape == (1, 9, 9)  # a side not a multiple of the window
+    assert float(local_structure(torch.rand(1, 1, 1), 4).abs().max()) == 0.0  # too small to have a spectrum
+
+
+def test_emergence_gain_amplifies_structure_and_damps_its_absence():
+    from neat_lightning.components.plasticity import emergence_gain, emergence_prune_scale
+
+    s = torch.tensor([[[0.0, 0.2, 0.8, 1.0]]])
+    g = emergence_gain(s, 1.0)
+    assert g[0, 0, 0] < 1.0 < g[0, 0, 3] and float(g.min()) >= 0.0
+    assert torch.equal(emergence_gain(torch.full((1, 2, 2), 0.4), 3.0), torch.ones(1, 2, 2))
+    assert torch.equal(emergence_gain(s, 0.0), torch.ones_like(s))
+    assert torch.equal(emergence_prune_scale(s, 0.0), torch.ones_like(s))
+    assert torch.allclose(emergence_prune_scale(s, 1.0), s)
+    with pytest.raises(ValueError, match=r"emergence_pruning=2.0 must be in \[0, 1\]"):
+        emergence_prune_scale(s, 2.0)
+
+
+def test_emergence_feedback_off_is_the_plain_update_and_on_scales_it_per_cell():
+    """Off (the default): bit-identical to the rule without the option. On: the change is larger where the last
+    step's activity has structure than where it is noise."""
+    torch.manual_seed(0)
+    D, H, W = 2, 8, 16
+    x = torch.arange(W, dtype=torch.float32)
+    wave = (0.5 + 0.4 * torch.cos(x * torch.pi / 2))[None, None].expand(D, H, W)
+    act = torch.cat([wave[..., :8], torch.rand(D, H, 8)], dim=-1)[None].repeat(3, 1, 1, 1)  # (T, D, H, W)
+    w0 = torch.full((D, H, W, N_NEIGHBOURS), 1.0)
+    state = PlasticityState.zeros((D, H, W))
+    profile = PlasticityProfile("p", stdp=0.0, bcm=1.0, competitive=0.0, activity_threshold=0.01)
+    plain, _ = plasticity_update(w0, act, state, profile, PlasticityConfig(bcm_rate=0.1))
+    off, _ = plasticity_update(w0, act, state, profile, PlasticityConfig(bcm_rate=0.1, emergence_feedback=False,
+                                                                         emergence_window=3))
+    assert torch.equal(plain, off)
+    on, _ = plasticity_update(w0, act, state, profile, PlasticityConfig(bcm_rate=0.1, emergence_feedback=True,
+                                                                        emergence_strength=2.0))
+    d_plain, d_on = (plain - w0).abs(), (on - w0).abs()
+    left = float(d_on[:, :, :8].sum() / d_plain[:, :, :8].sum())  # the structured half
+    right = float(d_on[:, :, 8:].sum() / d_plain[:, :, 8:].sum())  # the noise
+    assert left > 1.2 and right < 0.8
+    comp = PlasticityProfile("c", stdp=0.0, bcm=0.0, competitive=1.0)
+    w1 = torch.rand(D, H, W, N_NEIGHBOURS) + 0.5
+    c_plain, _ = plasticity_update(w1, act, state, comp, PlasticityConfig())
+    c_on, _ = plasticity_update(w1, act, state, comp, PlasticityConfig(emergence_feedback=True))
+    assert not torch.equal(c_plain, c_on)  # the competition rate is scaled per cell too
+
+
+def test_pruning_scale_prunes_connections_of_unstructured_cells_first():
+    w = torch.ones(1, 2, 2, N_NEIGHBOURS)
+    mask = torch.ones_like(w, dtype=torch.bool)
+    scale = torch.tensor([[[1.0, 0.1], [1.0, 1.0]]])
+    new = magnitude_prune_mask(w, mask, 0.25, scale)
+    assert int((~new).sum()) == N_NEIGHBOURS and not bool(new[0, 0, 1].any())
+    assert torch.equal(magnitude_prune_mask(w, mask, 0.25), magnitude_prune_mask(w, mask, 0.25, None))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(emergence_window=1), r"emergence_window=1 must be >= 2"),
+    (dict(emergence_strength=-1.0), r"emergence_strength=-1.0 must be >= 0"),
+    (dict(emergence_pruning=1.5), r"emergence_pruning=1.5 must be in \[0, 1\]"),
+])
+def test_emergence_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PlasticityConfig(**bad)

@@ -258,12 +258,15 @@ def test_groups_accept_their_dataclass_or_a_dict_and_refuse_anything_else():
 
 
 def test_every_format_1_argument_has_a_place():
-    """FLAT_FIELDS maps each old flat argument to an existing field of its group; only min_energy is new."""
+    """FLAT_FIELDS maps each old flat argument to an existing field of its group; only min_energy and the
+    emergence-feedback options (added with format 2, off by default) are new."""
     for old, (group, field) in FLAT_FIELDS.items():
         assert field in {f.name for f in dataclasses.fields(GROUPS[group])}, (old, group, field)
     targets = set(FLAT_FIELDS.values())
     new = {(g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)} - targets
-    assert new == {("energy_flow", "min_energy")}
+    assert new == {("energy_flow", "min_energy"), ("plasticity", "emergence_feedback"),
+                   ("plasticity", "emergence_pruning"), ("plasticity", "emergence_strength"),
+                   ("plasticity", "emergence_window")}
     assert len(FLAT_FIELDS) + 4 == 49  # the 49 flat arguments, 4 of which (use_lattice, mode, ...) kept their place
 
 

@@ -169,17 +169,17 @@ def test_exact_match_counts_whole_completions():
 def test_memory_consolidation_writes_episodes_into_the_slow_weights(tmp_path):
     model = tiny(active_components=["titans"])
     trainer(tmp_path, 2).fit(model, tiny_data())
-    snap = model.memory_snapshot()
+    snap = model.memory_items()
     n = len(snap["importance"])
     assert n > 0 and snap["keys"].shape == snap["values"].shape == (n, 8) and (snap["importance"] > 0.5).all()
     assert (snap["layer"] == 0).all()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = model.consolidate(steps=5, lr=0.5)
+    report = model.consolidate_memory(steps=5, lr=0.5)
     assert report["items"] == n and report["consolidation_loss_after"] < report["consolidation_loss"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"model.blocks.1.memory.weights.0", "model.blocks.1.memory.weights.1"}
     model.reset_short_term()
-    assert len(model.memory_snapshot()["importance"]) == 0 and model.consolidation_loss() is None
+    assert len(model.memory_items()["importance"]) == 0 and model.consolidation_loss() is None
 
 
 @pytest.mark.parametrize("active", [[], ["titans"], ["titans", "svf"]])
@@ -196,15 +196,15 @@ def test_generate_text_is_greedy_and_streams_long_prompts(active):
 def test_consolidation_replays_a_given_draw_and_pruning_empties_the_least_important_slots(tmp_path):
     model = tiny(active_components=["titans"])
     trainer(tmp_path, 2).fit(model, tiny_data())
-    snap = model.memory_snapshot()
+    snap = model.memory_items()
     n = len(snap["importance"])
     draw = {k: v[: n // 2] for k, v in snap.items()}  # a replay set in the snapshot's layout
-    report = model.consolidate(steps=3, lr=0.5, max_items=None, items=draw)
+    report = model.consolidate_memory(steps=3, lr=0.5, max_items=None, items=draw)
     assert report["items"] == n // 2 and report["consolidation_loss_after"] < report["consolidation_loss"]
     assert model.consolidation_loss(items={k: v[:0] for k, v in snap.items()}) is None  # nothing to replay
-    before = model.memory_snapshot()["importance"].sort().values
+    before = model.memory_items()["importance"].sort().values
     assert model.prune_memory(0.25) == n // 4
-    assert torch.equal(model.memory_snapshot()["importance"].sort().values, before[n // 4 :])  # the least went
+    assert torch.equal(model.memory_items()["importance"].sort().values, before[n // 4 :])  # the least went
 
 
 def test_loss_terms_returns_a_typed_output(tmp_path):

@@ -197,5 +197,6 @@ def maze_batch(mazes: Sequence[Maze]) -> dict[str, torch.Tensor]:
 
 def held_out_mazes(size: int, n: int, seed: int, val_fraction: float, split_seed: int = 0,
                    algorithm: Algorithm = "dfs") -> list[Maze]:
-    """``n`` held-out mazes of side ``size``: maze ``i`` is the first held-out draw of the stream ``(seed, size, i)``."""
+    """``n`` held-out mazes of side ``size``: maze ``i`` is the first held-out draw of the stream
+    ``(seed, size, i)``."""
     return [draw_maze(size, (seed, size, i), True, val_fraction, split_seed, algorithm) for i in range(n)]

@@ -11,7 +11,7 @@ LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics
 
 
 @pytest.mark.slow  # a fresh interpreter per generator (~4 s each on 2 cores); test_layers.py checks imports statically
-@pytest.mark.parametrize("name", ["grids", "math", "scenes"])
+@pytest.mark.parametrize("name", ["grids", "math", "scenes", "maze"])
 def test_generator_imports_without_lightning(name: str) -> None:
     code = (
         f"import sys, neat_lightning.data.generators.{name}\n"

@@ -1,0 +1,46 @@
+"""benchmarks/lattice_maze.py end to end on a tiny config: the JSON's rows carry every key the results table needs,
+a second call resumes from the JSON, and the PNG of solved mazes is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"model", "size_factor", "maze_cells", "test_steps", "exact_path_accuracy", "per_seed", "cell_f1", "params",
+        "cpu_s"}
+
+
+@pytest.mark.slow
+def test_benchmark_writes_rows_resumes_and_plots(tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "lattice_maze.yaml").read_text())
+    config["model"]["init_args"]["lattice"].update(height=7, width=7, steps=3, hidden=8)
+    config["model"]["init_args"]["maze"]["max_steps"] = 4
+    config["model"]["init_args"]["val_steps"] = 4
+    config["data"]["init_args"].update(size=7, batch_size=4)
+    stages = config["trainer"]["callbacks"][0]["init_args"]["stages"]
+    for i, stage in enumerate(stages):
+        stage["start"] = i  # every stage within the 3 training steps
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "maze.json"
+    args = [sys.executable, str(REPO / "benchmarks" / "lattice_maze.py"), "--config", str(tmp_path / "tiny.yaml"),
+            "--steps", "3", "--seeds", "0", "1", "--models", "lattice", "fixed_depth", "lattice_no_plasticity",
+            "--sizes", "1", "2", "--mazes", "4", "2", "--out", str(out), "--run-dir", str(tmp_path / "runs")]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 3 * 2 and all(KEYS <= set(r) for r in rows)
+    lattice_2x = next(r for r in rows if r["model"] == "lattice" and r["size_factor"] == 2)
+    assert lattice_2x["maze_cells"] == 13 and lattice_2x["test_steps"] == 16
+    assert set(lattice_2x["per_seed"]) == {"0", "1"}
+    fixed = next(r for r in rows if r["model"] == "fixed_depth" and r["size_factor"] == 2)
+    assert fixed["test_steps"] == 3 and abs(fixed["params"] - lattice_2x["params"]) / lattice_2x["params"] < 0.35
+    assert (tmp_path / "maze.png").stat().st_size > 1000
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 6

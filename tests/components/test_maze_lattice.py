@@ -1,0 +1,156 @@
+"""The maze lattice: axial taps, recall, a hand-set rule that solves mazes of any size, the fixed-depth baseline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+from neat_lightning.components.lattice import LatticeConfig, LatticeRule
+from neat_lightning.components.maze_lattice import (
+    AxialLatticeRule,
+    FixedDepthConvNet,
+    MazeConfig,
+    build_rule,
+    initial_state,
+    maze_channels,
+    run_recall,
+    tile_cells,
+    tile_index,
+)
+from neat_lightning.data.generators.maze import WALL, make_maze, maze_batch
+
+
+def test_axial_taps_are_the_four_unblurred_neighbours():
+    rule = AxialLatticeRule(LatticeConfig(depth=1, height=3, width=4, channels=2, hidden=4, steps=1))
+    x = torch.arange(24.0).reshape(12, 1, 2)  # (N, B, C), cell n = h*4 + w
+    taps = rearrange(rule.kernels(x), "(h w) b (j c) -> j h w b c", h=3, w=4, c=2)
+    grid = rearrange(x, "(h w) b c -> h w b c", h=3)
+    assert torch.equal(taps[0, 1:], grid[:-1]) and bool((taps[0, 0] == 0).all())  # up
+    assert torch.equal(taps[1, :-1], grid[1:]) and bool((taps[1, -1] == 0).all())  # down
+    assert torch.equal(taps[2, :, 1:], grid[:, :-1]) and bool((taps[2, :, 0] == 0).all())  # left
+    assert torch.equal(taps[3, :, :-1], grid[:, 1:]) and bool((taps[3, :, -1] == 0).all())  # right
+    plain = LatticeRule(LatticeConfig(depth=1, height=3, width=4, channels=2, hidden=4, steps=1))
+    assert sum(p.numel() for p in rule.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_build_rule_and_config_checks():
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=4)
+    assert isinstance(build_rule(cfg, "axial"), AxialLatticeRule)
+    assert type(build_rule(cfg, "lattice")) is LatticeRule
+    with pytest.raises(ValueError, match=r"lattice.channels=4 must be > 4"):
+        build_rule(LatticeConfig(depth=1, height=5, width=5, channels=4, hidden=8, steps=4), "axial")
+    for kw, match in ((dict(taps="sobel"), r"taps='sobel' must be 'axial' or 'lattice'"),
+                      (dict(max_steps=0), r"max_steps=0 must be >= 1 or None"),
+                      (dict(progressive=1.5), r"progressive=1.5 must be in \[0, 1\]"),
+                      (dict(pos_weight=0.0), r"pos_weight=0.0 must be > 0"),
+                      (dict(noise=-0.1), r"noise=-0.1 must be >= 0"),
+                      (dict(resize="nearest"), r"resize='nearest' must be 'tile' or 'trilinear'")):
+        with pytest.raises(ValueError, match=match):
+            MazeConfig(**kw)
+
+
+def dead_end_filling_rule(size: int) -> tuple[AxialLatticeRule, torch.nn.Linear]:
+    """Hand-set weights: channel 4 marks dead cells; a cell dies when it is a wall, already dead, or (not start or
+    goal) has >= 3 dead neighbours: ``d' = step(10·(wall + d) + Σ d_nb − 2.5 − 10·(start + goal))``, written with
+    GELU units as a clipped ramp (``GELU(m·x)/m ≈ relu(x)`` for m = 20), and ``Δd = d' − d``."""
+    C, m = 5, 20.0
+    rule = AxialLatticeRule(LatticeConfig(depth=1, height=size, width=size, channels=C, hidden=4, steps=1,
+                                          fire_rate=1.0))
+    lin1, lin2 = rule.update[0], rule.update[2]
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.zero_()
+        z = torch.zeros(6 * C)  # perception: state, message, up, down, left, right (C each)
+        z[1], z[4], z[2], z[3] = 10.0, 10.0, -10.0, -10.0  # wall, dead, start, goal
+        for j in range(4):
+            z[(2 + j) * C + 4] = 1.0  # the dead channel of each neighbour
+        lin1.weight[0], lin1.bias[0] = m * 2 * z, m * (2 * -2.5 + 0.5)
+        lin1.weight[1], lin1.bias[1] = m * 2 * z, m * (2 * -2.5 - 0.5)
+        lin1.weight[2, 4], lin1.weight[3, 4] = m, -m
+        lin2.weight[4] = torch.tensor([1.0, -1.0, -1.0, 1.0]) / m
+    readout = torch.nn.Linear(C, 1)
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.weight[0, 4], readout.bias[0] = -10.0, 5.0
+    return rule, readout
+
+
+@pytest.mark.parametrize("size", [9, 17, 33])
+def test_a_hand_set_rule_solves_mazes_of_any_size_and_stays_solved(size):
+    """The lattice step with axial taps and recall can express dead-end filling exactly: the same weights solve
+    9x9, 17x17 and 33x33 mazes, and extra steps change nothing (a fixed point)."""
+    mazes = [make_maze(size, s) for s in range(6)]
+    batch = maze_batch(mazes)
+    rule, readout = dead_end_filling_rule(size)
+    conn = torch.ones(1, size, size, 26)
+    inputs = maze_channels(batch["maze"])
+    state, _ = run_recall(rule, inputs, rule.connection_operator(conn), 2 * size * size // 4)
+    pred = rearrange(readout(state)[..., 0] > 0, "(h w) b -> b h w", h=size).long()
+    assert torch.equal(pred, batch["target"])
+    more, _ = run_recall(rule, inputs, rule.connection_operator(conn), 50, state=state)
+    assert torch.allclose(more, state)
+    few, _ = run_recall(rule, inputs, rule.connection_operator(conn), 2)  # the check can fail: too few steps
+    assert not torch.equal(rearrange(readout(few)[..., 0] > 0, "(h w) b -> b h w", h=size).long(), batch["target"])
+
+
+def test_recall_reimposes_the_maze_and_activity_is_recorded():
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=3)
+    torch.manual_seed(0)
+    rule = AxialLatticeRule(cfg)
+    inputs = maze_channels(maze_batch([make_maze(5, 0), make_maze(5, 1)])["maze"])
+    op = rule.connection_operator(torch.ones(1, 5, 5, 26))
+    state, act = run_recall(rule, inputs, op, 3, record_activity=True)
+    assert state.shape == (25, 2, 6) and torch.equal(state[..., :4], inputs) and len(act) == 3
+    assert act[0].shape == (1, 5, 5)
+    free, _ = run_recall(rule, inputs, op, 3, recall=False)
+    assert not torch.equal(free[..., :4], inputs)
+    assert torch.equal(initial_state(inputs, 6)[..., 4:], torch.zeros(25, 2, 2))
+    g = torch.Generator().manual_seed(0)
+    stochastic, _ = run_recall(rule, inputs, op, 3, fire_generator=g)  # fire_rate 0.5: sampled masks
+    assert not torch.allclose(stochastic, state)
+
+
+def test_fixed_depth_net_matches_a_parameter_count_and_has_its_depth_as_receptive_field():
+    net = FixedDepthConvNet.matched(1382, depth=30)
+    n = sum(p.numel() for p in net.parameters())
+    assert n == FixedDepthConvNet.n_params(net.width, 30) and abs(n - 1382) / 1382 < 0.35
+    wide = FixedDepthConvNet.matched(5000, 30)
+    assert abs(wide.n_params(wide.width, 30) - 5000) < 1300
+    torch.manual_seed(0)
+    net = FixedDepthConvNet(width=3, depth=4)
+    maze = torch.full((1, 21, 21), WALL)
+    out = net(maze)
+    maze2 = maze.clone()
+    maze2[0, 10, 10 + 5] = 0  # 5 cells away: beyond 4 layers (+ the readout) of 3x3 convolutions
+    assert out.shape == (1, 21, 21) and net(maze2)[0, 10, 10] == out[0, 10, 10]
+    maze2[0, 10, 10 + 4] = 0
+    assert net(maze2)[0, 10, 10] != out[0, 10, 10]
+    with pytest.raises(ValueError, match=r"width=0 and depth=3 must be >= 1"):
+        FixedDepthConvNet(0, 3)
+
+
+def test_tiling_keeps_edges_and_the_parity_of_every_cell():
+    idx = tile_index(9, 17)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 5, 6, 7, 8]
+    assert bool(((torch.arange(17) - idx) % 2 == 0).all())  # rooms map to rooms, walls to walls
+    assert tile_index(9, 9).tolist() == list(range(9))
+    field = torch.arange(81.0).reshape(1, 9, 9, 1).expand(1, 9, 9, 26)
+    big = tile_cells(field, (1, 33, 33))
+    assert big.shape == (1, 33, 33, 26)
+    assert torch.equal(big[0, :4, :4], field[0, :4, :4]) and torch.equal(big[0, -4:, -4:], field[0, -4:, -4:])
+    assert torch.equal(big[0, 10, 10], field[0, 4, 4]) and torch.equal(big[0, 11, 12], field[0, 3, 4])
+
+
+def test_noise_needs_a_generator_and_changes_only_the_working_channels():
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=3, fire_rate=1.0)
+    torch.manual_seed(0)
+    rule = AxialLatticeRule(cfg)
+    inputs = maze_channels(maze_batch([make_maze(5, 0)])["maze"])
+    op = rule.connection_operator(torch.ones(1, 5, 5, 26))
+    clean, _ = run_recall(rule, inputs, op, 3)
+    assert torch.equal(run_recall(rule, inputs, op, 3, noise=0.5)[0], clean)  # no generator: no noise
+    noisy, _ = run_recall(rule, inputs, op, 3, noise=0.5, fire_generator=torch.Generator().manual_seed(1))
+    again, _ = run_recall(rule, inputs, op, 3, noise=0.5, fire_generator=torch.Generator().manual_seed(1))
+    assert torch.equal(noisy, again) and not torch.allclose(noisy, clean)
+    assert torch.equal(noisy[..., :4], inputs)

@@ -1,0 +1,163 @@
+"""LatticeMazeSolver with a real Trainer: training, metrics, test-time steps, the baseline, ablation switches, pruning
+and an exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from neat_lightning.callbacks.plasticity_stages import PlasticityStages, Stage
+from neat_lightning.components.lattice import LatticeConfig
+from neat_lightning.components.maze_lattice import MazeConfig
+from neat_lightning.components.plasticity import PROFILES, PlasticityConfig
+from neat_lightning.data.maze import MazeDataModule
+from neat_lightning.modules.lattice import LatticeOptimConfig
+from neat_lightning.modules.lattice_maze import LatticeMazeSolver, path_scores
+from neat_lightning.protocols import Plastic, Releasable, StagedLattice
+
+TINY = dict(
+    lattice=LatticeConfig(depth=1, height=7, width=7, channels=6, hidden=8, steps=4, fire_rate=1.0),
+    maze=MazeConfig(max_steps=6), optim=LatticeOptimConfig(warmup_steps=1, weight_decay=0.0), metrics_every=1,
+)
+
+
+def tiny(**changes) -> dict:
+    out = dict(TINY)
+    for name, value in changes.items():
+        if isinstance(value, dict):
+            value = dataclasses.replace(out.get(name) or {"plasticity": PlasticityConfig()}[name], **value)
+        out[name] = value
+    return out
+
+
+def data(**kw) -> MazeDataModule:
+    return MazeDataModule(**{**dict(size=7, batch_size=4, batches_per_epoch=3, val_mazes=8, val_batch_size=8,
+                                    test_size=11, test_mazes=4), **kw})
+
+
+def trainer(root, max_steps, callbacks=(), **kw) -> L.Trainer:
+    kw.setdefault("logger", False)
+    return L.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, max_steps=max_steps,
+                     default_root_dir=root, callbacks=list(callbacks), deterministic=True,
+                     val_check_interval=max_steps, check_val_every_n_epoch=None, **kw)
+
+
+def test_trains_logs_and_tests_larger_mazes_with_more_steps(tmp_path):
+    L.seed_everything(0)
+    m = LatticeMazeSolver(**tiny(test_steps=13))
+    assert all(isinstance(m, p) for p in (Plastic, StagedLattice, Releasable))
+    t = trainer(tmp_path, 3)
+    dm = data()
+    t.fit(m, dm)
+    metrics = t.callback_metrics
+    for name in ("train/loss", "train/steps", "val/loss", "val/exact_path_accuracy", "val/cell_f1",
+                 "lattice/activity", "lattice/emergence", "lattice/sparsity"):
+        assert name in metrics, name
+    assert 4 <= float(metrics["train/steps"]) <= 6
+    out = t.test(m, dm, verbose=False)[0]
+    assert out["test/steps"] == 13 and 0.0 <= out["test/exact_path_accuracy"] <= 1.0
+    assert m.rule.config.size == (1, 11, 11)  # stencils rebuilt for the test mazes
+    logits = m(dm.eval_set(7, 8)["maze"], steps=2)  # and back
+    assert logits.shape == (8, 7, 7) and m.rule.config.size == (1, 7, 7)
+
+
+def test_path_scores():
+    target = torch.tensor([[[0, 1], [1, 0]], [[1, 1], [0, 0]]])
+    logits = torch.tensor([[[-1.0, 2.0], [3.0, -4.0]], [[1.0, -1.0], [-1.0, -1.0]]])
+    exact, pred = path_scores(logits, target)
+    assert exact.tolist() == [1.0, 0.0] and pred[1].tolist() == [[1, 0], [0, 0]]
+
+
+def test_baseline_has_the_lattice_parameter_count_and_fixed_depth():
+    lattice = LatticeMazeSolver(**tiny())
+    base = LatticeMazeSolver(**tiny(use_lattice=False))
+    n_l = sum(p.numel() for p in lattice.parameters())
+    n_b = sum(p.numel() for p in base.parameters())
+    assert abs(n_b - n_l) / n_l < 0.35 and base.net.depth == 4 and not hasattr(base, "rule")
+    default_l = sum(p.numel() for p in LatticeMazeSolver().parameters())
+    default_b = sum(p.numel() for p in LatticeMazeSolver(use_lattice=False).parameters())
+    assert abs(default_b - default_l) / default_l < 0.1
+    maze = data().eval_set(7, 8)["maze"]
+    assert torch.equal(base(maze, steps=3), base(maze, steps=50))  # step counts do not apply to it
+
+
+def test_plasticity_and_emergence_switches_change_the_connections(tmp_path):
+    def run(**plasticity):
+        L.seed_everything(1)
+        m = LatticeMazeSolver(**tiny(plasticity=plasticity))
+        before = m.cells.connections.clone()
+        trainer(tmp_path, 2, limit_val_batches=0).fit(m, data())
+        return before, m.cells.connections
+
+    before, off = run(enabled=False)
+    assert torch.equal(before, off)
+    _, on = run(enabled=True)
+    _, emergent = run(enabled=True, emergence_feedback=True, emergence_strength=4.0, emergence_window=3)
+    assert not torch.equal(on, before) and not torch.equal(emergent, on)
+
+
+def test_emergence_aware_pruning_prunes_other_connections_than_magnitude_pruning(tmp_path):
+    masks = []
+    for weight in (0.0, 1.0):
+        L.seed_everything(2)
+        m = LatticeMazeSolver(**tiny(plasticity={"emergence_pruning": weight, "emergence_window": 3}))
+        trainer(tmp_path, 1, limit_val_batches=0).fit(m, data())
+        assert m.prune_connections(0.5) == pytest.approx(0.5, abs=1e-3)
+        masks.append(m.cells.connection_mask.clone())
+    assert not torch.equal(masks[0], masks[1])
+    assert m.release_memory() > 0 and m.prune_connections(0.6) == pytest.approx(0.6, abs=1e-3)  # no activity: plain
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    """4 steps uninterrupted vs stopped at step 2 (mid-epoch: 3 batches an epoch) and resumed: identical weights and
+    buffers, with stochastic firing, random run lengths, progressive loss, plasticity with emergence feedback and a
+    stage table that switches profile, threshold and (emergence-aware) pruning on both sides of the checkpoint."""
+
+    def run(root, ckpt=None):
+        L.seed_everything(3)
+        m = LatticeMazeSolver(**tiny(lattice=dataclasses.replace(TINY["lattice"], fire_rate=0.5),
+                                     plasticity={"emergence_feedback": True, "emergence_pruning": 0.5,
+                                                 "emergence_window": 3}))
+        stages = [Stage(0, "discovery"), Stage(1, "balanced", activity_threshold=0.05),
+                  Stage(3, "learning", False, 0.3)]
+        every = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=2, save_top_k=-1)
+        trainer(tmp_path / root, 4, callbacks=[PlasticityStages(stages), every]).fit(m, data(), ckpt_path=ckpt)
+        return m
+
+    full = run("full")
+    mid = next(p for p in (tmp_path / "full").glob("*.ckpt") if "step=2" in p.name)
+    resumed = run("resumed", ckpt=str(mid))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.profile == full.profile and resumed.sparsity == full.sparsity > 0
+    restored = LatticeMazeSolver.load_from_checkpoint(mid)
+    assert restored.profile.name == "balanced" and restored.profile.activity_threshold == 0.05
+    maze = data().eval_set(7, 8)["maze"]
+    assert restored(maze).shape == (8, 7, 7)
+
+
+def test_profile_type_error_and_bad_arguments():
+    m = LatticeMazeSolver(**tiny())
+    with pytest.raises(TypeError, match="profile must be a PlasticityProfile, got str"):
+        m.set_plasticity_profile("learning")
+    m.set_plasticity_profile(PROFILES["balanced"])
+    assert m.structure["lattice_maze"]["profile"]["name"] == "balanced"
+    bad = [
+        (dict(lattice={"depth": 2}), r"lattice.depth=2 must be 1"),
+        (dict(lattice={"height": 8, "width": 8}), r"lattice.height=8, lattice.width=8 must be equal, odd and >= 5"),
+        (dict(maze={"max_steps": 3}), r"maze.max_steps=3 must be >= lattice.steps=4"),
+        (dict(test_steps=0), r"test_steps=0 must be >= 1 or None"),
+        (dict(optim={"rule_lr_scale": 0.5}), r"optim.rule_lr_scale=0.5 must be 1"),
+    ]
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            LatticeMazeSolver(**tiny(**kw))
+
+
+def test_training_on_another_maze_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"training maze side 9 differs from lattice.height=7"):
+        trainer(tmp_path, 1, limit_val_batches=0).fit(LatticeMazeSolver(**tiny()), data(size=9))
