@@ -138,7 +138,7 @@ class _NameCheckpoint(Callback):
 
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving nothing under ``fast_dev_run`` (Lightning's ``on_train_end`` writes
-    ``last.ckpt`` even then) and logging when a new fit is about to replace an earlier run's ``last.ckpt``. The CLI
+    ``last.ckpt`` even then), always leaving the final step in ``last.ckpt`` and logging when a new fit is about to replace an earlier run's ``last.ckpt``. The CLI
     turns the version counter off (``enable_version_counter: false``), so ``last.ckpt`` is overwritten instead of
     a ``last-v1.ckpt`` being written beside it."""
 
@@ -150,8 +150,13 @@ class RunCheckpoint(ModelCheckpoint):
             rank_zero_info(f"this run replaces {describe_checkpoint(last)} at its first save")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
+        if trainer.fast_dev_run:
+            return
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            # Lightning writes last.ckpt at train end only if no periodic save wrote it before: a run stopped
+            # between saves (max_time, max_steps off the period, early stopping) would keep an older step there
+            self._last_checkpoint_saved = False
+        super().on_train_end(trainer, pl_module)
 
 
 class StepProgressBar(RichProgressBar):

@@ -101,6 +101,15 @@ def test_fast_dev_run_then_a_real_fit_leaves_the_real_last_ckpt(tmp_path, tiny_c
 
 
 @pytest.mark.slow
+def test_a_run_stopped_between_saves_leaves_its_final_step_in_last_ckpt(tmp_path, tiny_config):
+    """max_steps off the save period (as when max_time stops a run): Lightning alone keeps the step-4 save in
+    last.ckpt, since its train-end save is skipped once any periodic save wrote last.ckpt."""
+    cfg = tiny_config(max_steps=6, ckpt_every=4)
+    neat("fit", "--config", str(cfg), cwd=tmp_path)
+    assert checkpoint_step(tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt") == 6
+
+
+@pytest.mark.slow
 def test_the_same_config_fitted_twice_leaves_the_second_runs_last_ckpt(tmp_path, tiny_config):
     """The second fit into a run directory replaces `last.ckpt` (and says so); `--ckpt_path last` then resumes it."""
     cfg = tiny_config(max_steps=8, ckpt_every=4)

@@ -118,7 +118,8 @@ class SleepWakeConsolidation(Callback):
             target): what it knows is kept, what it has forgotten is left to the replay loss.
         memory_weight: weight of the Titans slow-memory consolidation term in sleep steps (modules with a memory).
         memory_items: most important memory items per memory block in that term.
-        adaptive_rate: adapt the sleep steps' learning-rate multiplier to the replay loss (see the module doc).
+        adaptive_rate: adapt the sleep steps' learning-rate multiplier to the replay loss (see the module doc; needs
+            ``sleep_steps >= 2``).
         rate_backoff: factor in (0, 1) by which the rate backs off (and 1 / factor by which it recovers).
         min_rate: the lowest rate.
         min_improvement: relative fall of the replay loss within a sleep phase below which the rate backs off.
@@ -140,7 +141,8 @@ class SleepWakeConsolidation(Callback):
 
     Raises:
         ValueError: a non-positive length or replay size, a negative weight, an unknown ``mode``, ``rate_backoff``
-            outside (0, 1), ``min_rate`` outside (0, 1] or ``prune_fraction`` outside [0, 1).
+            outside (0, 1), ``min_rate`` outside (0, 1], ``adaptive_rate`` with fewer than 2 sleep steps or
+            ``prune_fraction`` outside [0, 1).
         TypeError: at ``setup``, when the module does not implement ``MemoryConsolidator`` (or ``MemoryPrunable``
             with ``prune_fraction > 0``); at the first step, when its ``plan_step`` does not take ``plan=``.
 
@@ -186,6 +188,9 @@ class SleepWakeConsolidation(Callback):
             raise ValueError(f"SleepWakeConsolidation rate_backoff={rate_backoff} must be in (0, 1)")
         if not 0.0 < min_rate <= 1.0:
             raise ValueError(f"SleepWakeConsolidation min_rate={min_rate} must be in (0, 1]")
+        if adaptive_rate and sleep_steps < 2:
+            raise ValueError(f"SleepWakeConsolidation adaptive_rate=True needs sleep_steps >= 2, got {sleep_steps} "
+                             "(the rate compares the two halves of each sleep phase)")
         if not 0.0 <= prune_fraction < 1.0:
             raise ValueError(f"SleepWakeConsolidation prune_fraction={prune_fraction} must be in [0, 1)")
         if early_sleep_items is not None and early_sleep_items < 1:

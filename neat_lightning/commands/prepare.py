@@ -102,7 +102,8 @@ def verify(path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].strip("`: "),
+    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
+    parser = argparse.ArgumentParser(prog=PROG, description=summary,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="GLOB", help="text files or globs; each file is a document")

@@ -73,7 +73,8 @@ def load_datamodule(config_path: Path, overrides: dict):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="neat report", description=__doc__.split("\n")[0].strip("`: "),
+    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
+    parser = argparse.ArgumentParser(prog="neat report", description=summary,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
     parser.add_argument("--ckpt", required=True, type=Path, help="a ByteLM checkpoint")

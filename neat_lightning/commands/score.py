@@ -389,7 +389,8 @@ def print_table(title: str, model_name: str, data: bytes, passes: list[Pass], co
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].strip("`: "),
+    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
+    parser = argparse.ArgumentParser(prog=PROG, description=summary,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--ckpt", required=True, help="a ByteLM or NeatModel checkpoint")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE",

@@ -235,6 +235,7 @@ def test_setup_refuses_modules_without_the_protocol(tmp_path):
      ({"temperature": 0.0}, r"temperature=0.0 must be > 0"),
      ({"rate_backoff": 1.0}, r"rate_backoff=1.0 must be in \(0, 1\)"),
      ({"min_rate": 0.0}, r"min_rate=0.0 must be in \(0, 1\]"),
+     ({"adaptive_rate": True, "sleep_steps": 1}, r"adaptive_rate=True needs sleep_steps >= 2, got 1"),
      ({"prune_fraction": 1.0}, r"prune_fraction=1.0 must be in \[0, 1\)"),
      ({"early_sleep_items": 0}, r"early_sleep_items=0 must be >= 1 or None")],
 )

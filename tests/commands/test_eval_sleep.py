@@ -29,6 +29,7 @@ def test_flags_reach_every_protocol_that_has_the_field():
 def test_command_writes_results(tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     assert main(["--seeds", "3", *TINY, "--workers", "1", "--distill-weight", "0.5", "--adaptive-rate", "true",
+                 "--sleep-steps", "2",
                  "--out-json", str(out_json), "--out-png", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
     assert data["seeds"] == [3] and data["protocols"] == ["ab"]
