@@ -9,11 +9,13 @@ cells) with ``test_steps = val_steps·f²`` lattice steps:
 - ``lattice_no_emergence``: the same, ``plasticity.emergence_feedback: false``, ``emergence_pruning: 0``;
 - ``lattice_no_plasticity``: ``plasticity.enabled: false`` and no stage table (connections stay at their init);
 - ``fixed_depth``: ``use_lattice: false``, a residual 3x3 conv net of ``lattice.steps`` layers with the lattice
-  model's parameter count (its receptive field is its depth; step counts do not apply).
+  model's parameter count (its receptive field is its depth; step counts do not apply);
+- ``fixed_depth_wide`` (only with ``--models``): the same network 16 channels wide, not parameter-matched.
 
     python benchmarks/lattice_maze.py                                  # everything; resumes what the JSON has
     python benchmarks/lattice_maze.py --models lattice --seeds 0 --sizes 1 2 4     # one run, three sizes
     python benchmarks/lattice_maze.py --report                         # rebuild table, rows and PNG from the JSON
+    python benchmarks/lattice_maze.py --sweep 120 240 480 960 1920 --sizes 4 --mazes 100   # seed 0's lattice
 
 The JSON (``benchmarks/results/lattice_maze.json``) keeps every (model, seed) run under ``runs`` (written after each
 run, atomically, so a long benchmark can be done in pieces) and the aggregate ``rows``: one per model x size factor
@@ -39,14 +41,19 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "lattice_maze.json"
 CONFIG = REPO / "configs" / "lattice_maze.yaml"
 MODELS = ("lattice", "fixed_depth", "lattice_no_plasticity", "lattice_no_emergence")
+# not parameter-matched: a fixed-depth network wide enough to learn the training size (run it with --models)
+EXTRA_MODELS = ("fixed_depth_wide",)
+WIDE = 16  # channels of fixed_depth_wide
 
 
 def variant(config: dict, model: str) -> tuple[dict, bool]:
     """The model's init_args for one variant and whether it keeps the config's stage table."""
     args = copy.deepcopy(config["model"]["init_args"])
     plasticity = args.setdefault("plasticity", {})
-    if model == "fixed_depth":
+    if model in ("fixed_depth", "fixed_depth_wide"):
         args["use_lattice"] = False
+        if model == "fixed_depth_wide":
+            args["baseline_width"] = WIDE
         return args, False
     if model == "lattice_no_plasticity":
         plasticity["enabled"] = False
@@ -132,9 +139,41 @@ def evaluate(module, data, factor: int, n_mazes: int, batch: int) -> dict:
     }
 
 
+def sweep_steps(module, data, factor: int, n_mazes: int, marks: list[int]) -> list[dict]:
+    """One run of the lattice on ``n_mazes`` held-out mazes at ``factor`` x the training rooms, continued and scored
+    at each step count of ``marks`` (increasing): exact-path accuracy, how many mazes have a false or a missed path
+    cell, and how many predictions changed since the previous count (the label-free halting signal)."""
+    import torch
+
+    from neat_lightning.components.maze_lattice import maze_channels, run_recall
+    from neat_lightning.modules.lattice_maze import path_scores
+
+    size = 2 * factor * (module.config.height // 2) + 1
+    mazes = data.eval_set(size, n_mazes)
+    target, rows, state, done, prev = mazes["target"], [], None, 0, None
+    module.eval()
+    with torch.no_grad():
+        inputs, op = maze_channels(mazes["maze"]), module._operator(size)
+        for mark in marks:  # over step counts: the run continues from the last count
+            state, _ = run_recall(module.rule, inputs, op, mark - done, state=state, recall=module.maze_config.recall)
+            done = mark
+            exact, pred = path_scores(module._logits(state, size), target)
+            rows.append({
+                "maze_cells": size, "test_steps": mark, "n_mazes": n_mazes,
+                "exact_path_accuracy": float(exact.mean()),
+                "mazes_with_false_cells": int(((pred == 1) & (target == 0)).flatten(1).any(1).sum()),
+                "mazes_with_missed_cells": int(((pred == 0) & (target == 1)).flatten(1).any(1).sum()),
+                "changed_since_previous": None if prev is None else int((pred != prev).flatten(1).any(1).sum()),
+                "load_average": os.getloadavg(),
+            })
+            prev = pred
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
-    for model in MODELS:
+    for model in MODELS + EXTRA_MODELS:
         mine = [r for r in runs if r["model"] == model]
         factors = sorted({int(f) for r in mine for f in r["sizes"]})
         for f in factors:
@@ -221,7 +260,7 @@ def write(path: Path, result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + EXTRA_MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="size factors (rooms a side)")
     parser.add_argument("--mazes", nargs="+", type=int, default=[256, 128, 100, 32],
@@ -234,6 +273,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "lattice_maze_benchmark")
     parser.add_argument("--fresh", action="store_true", help="retrain runs the JSON already has")
     parser.add_argument("--report", action="store_true", help="only rebuild rows, table and PNG from the JSON")
+    parser.add_argument("--sweep", nargs="+", type=int, default=None, metavar="STEPS",
+                        help="only score the saved lattice_s{first seed} checkpoint at these step counts, per --sizes")
     args = parser.parse_args()
     if len(args.mazes) < len(args.sizes):
         parser.error(f"--mazes has {len(args.mazes)} counts for {len(args.sizes)} --sizes")
@@ -246,6 +287,16 @@ def main() -> None:
     steps = args.steps or config["trainer"]["max_steps"]
     config_path = args.config.resolve()
     config_name = str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path)
+    if args.sweep:
+        from neat_lightning.data.maze import MazeDataModule
+        from neat_lightning.modules.lattice_maze import LatticeMazeSolver
+
+        module = LatticeMazeSolver.load_from_checkpoint(args.run_dir / f"lattice_s{args.seeds[0]}.ckpt",
+                                                        map_location="cpu")
+        data = MazeDataModule(**config["data"]["init_args"])
+        for f, n in zip(args.sizes, args.mazes):
+            sweep_steps(module, data, f, n, sorted(args.sweep))
+        return
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs = result.get("runs", [])
     if not args.report:
@@ -259,10 +310,19 @@ def main() -> None:
                 if old is not None and not args.fresh and all(str(f) in old["sizes"] for f in args.sizes):
                     print(f"{model} seed {seed}: in {args.out.name}, skipped", flush=True)
                     continue
-                module, record = train(config, model, seed, steps, args.run_dir)
-                print(f"{model} seed {seed}: {record['steps']} steps, {record['train_cpu_s']} CPU s, "
-                      f"{record['params']} params, load {record['load_average_after'][0]:.1f}", flush=True)
+                ckpt = args.run_dir / f"{model}_s{seed}.ckpt"
+                if old is not None and not args.fresh and ckpt.exists():  # trained: test the missing sizes only
+                    from neat_lightning.modules.lattice_maze import LatticeMazeSolver
+
+                    module, record = LatticeMazeSolver.load_from_checkpoint(ckpt, map_location="cpu"), old
+                    print(f"{model} seed {seed}: testing {ckpt.name} at the missing sizes", flush=True)
+                else:
+                    module, record = train(config, model, seed, steps, args.run_dir)
+                    print(f"{model} seed {seed}: {record['steps']} steps, {record['train_cpu_s']} CPU s, "
+                          f"{record['params']} params, load {record['load_average_after'][0]:.1f}", flush=True)
                 for f, n in zip(args.sizes, args.mazes):
+                    if str(f) in record["sizes"] and record is old:
+                        continue
                     record["sizes"][str(f)] = evaluate(module, data, f, n, args.eval_batch)
                     print(f"  x{f}: {json.dumps(record['sizes'][str(f)])}", flush=True)
                 runs = [r for r in runs if not (r["model"] == model and r["seed"] == seed)] + [record]

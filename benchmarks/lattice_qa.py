@@ -5,6 +5,7 @@ and score corpus BLEU (sacrebleu, 0–100) and exact match, overall and per kind
     python benchmarks/lattice_qa.py                          # 10 min each, 2 threads, writes the JSON
     python benchmarks/lattice_qa.py --seconds 0 --steps 900  # a fixed number of steps (on a busy machine)
     python benchmarks/lattice_qa.py --only lattice --seconds 60 --out /tmp/x.json
+    python benchmarks/lattice_qa.py --only lattice_no_plasticity --seconds 0 --steps 550 --threads 1  # plasticity off
 
 The baseline is the same config with ``use_lattice: false``: the encoder's input face goes through a per-cell MLP
 with the lattice rule's parameter count straight to the decoder (same total parameter count ± a few). Held-out means
@@ -29,6 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "lattice_qa.json"
 CONFIG = REPO / "configs" / "lattice_quickstart.yaml"
+# lattice_no_plasticity: the lattice with its connections fixed at their init (plasticity.enabled false, no
+# PlasticityStages); run it with --only
+VARIANTS = ("lattice", "baseline", "lattice_no_plasticity")
 
 
 def _instantiate(spec: dict):
@@ -89,7 +93,7 @@ def _progress_callback():
 
 
 def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed: int, run_dir: Path) -> dict:
-    """Train one variant (``lattice`` or ``baseline``) in this process and score it on every held-out pair."""
+    """Train one variant (``lattice``, ``baseline`` or ``lattice_no_plasticity``) in this process and score it on every held-out pair."""
     import lightning as L
     import torch
     import yaml
@@ -99,13 +103,18 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
     Progress = _progress_callback()
     cfg = yaml.safe_load(config.read_text())
     model_spec, data_spec = dict(cfg["model"]), dict(cfg["data"])
-    model_spec["init_args"] = {**model_spec.get("init_args", {}), "use_lattice": variant == "lattice"}
+    model_spec["init_args"] = {**model_spec.get("init_args", {}), "use_lattice": variant != "baseline"}
+    if variant == "lattice_no_plasticity":  # connections stay at their init: no plasticity rules, no stage table
+        plasticity = {**model_spec["init_args"].get("plasticity", {}), "enabled": False}
+        model_spec["init_args"]["plasticity"] = plasticity
     data_spec["init_args"] = {**data_spec.get("init_args", {}), "max_val_pairs": None}
     tcfg = cfg.get("trainer", {})
     L.seed_everything(seed, workers=True)
     model = _instantiate(model_spec)
     data = _instantiate(data_spec)
-    callbacks = [_instantiate(c) for c in tcfg.get("callbacks", [])] + [Progress(run_dir, variant)]
+    specs = [c for c in tcfg.get("callbacks", [])
+             if not (variant == "lattice_no_plasticity" and c["class_path"].endswith("PlasticityStages"))]
+    callbacks = [_instantiate(c) for c in specs] + [Progress(run_dir, variant)]
     max_steps = steps if steps else int(tcfg.get("max_steps", -1))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -125,7 +134,7 @@ def run_one(config: Path, variant: str, seconds: float, steps: int | None, seed:
     gen_s = time.perf_counter() - t1
     refs = [p.answer for p in pairs]
     trainer.save_checkpoint(run_dir / "final.ckpt")
-    face = face_transfer(model, data.val_q[:64]) if variant == "lattice" else {}
+    face = face_transfer(model, data.val_q[:64]) if variant != "baseline" else {}
     by_kind = {}
     for kind in sorted({p.kind for p in pairs}):
         idx = [i for i, p in enumerate(pairs) if p.kind == kind]
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=600.0, help="wall-time budget per model (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="step budget per model (default: the config's)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=("lattice", "baseline"), default=None)
+    parser.add_argument("--only", choices=VARIANTS, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -178,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
             raise SystemExit(f"{variant} run failed with exit code {proc.returncode}")
         results.append(json.loads(lines[-1][len("RESULT "):]))
-    print(f"{'variant':>9} {'params':>8} {'steps':>6} {'wall s':>7} {'load':>10} {'BLEU':>6} {'EM':>6} "
+    print(f"{'variant':>21} {'params':>8} {'steps':>6} {'wall s':>7} {'load':>10} {'BLEU':>6} {'EM':>6} "
           f"{'arith BLEU/EM':>14} {'facts BLEU/EM':>14}")
     for r in results:
         a, f = r["by_kind"].get("arithmetic", {}), r["by_kind"].get("facts", {})
-        print(f"{r['variant']:>9} {r['params']:>8} {r['steps']:>6} {r['train_wall_s']:>7.0f} "
+        print(f"{r['variant']:>21} {r['params']:>8} {r['steps']:>6} {r['train_wall_s']:>7.0f} "
               f"{r['load_avg_before'][0]:>4.1f}-{r['load_avg_after'][0]:<4.1f} {r['bleu']:>6.2f} {r['exact_match']:>6.3f} "
               f"{a.get('bleu', 0):>7.2f}/{a.get('exact_match', 0):<6.3f} {f.get('bleu', 0):>7.2f}/{f.get('exact_match', 0):<6.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ soak (RSS over 2,000 training steps).
     OMP_NUM_THREADS=2 python benchmarks/lattice_scale.py --part full         # 128x128x96, T=95; with/without savers
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part savers       # with vs without savers, largest safe size
     OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part soak         # 2,000 steps with MemoryCleanup
+    OMP_NUM_THREADS=1 python benchmarks/lattice_scale.py --part optstate     # AdamW state at 128x128x96 vs peak
     python benchmarks/lattice_scale.py --case '{"size": [8, 8, 8], ...}'    # one case, prints JSON
 
 Every case runs in its own subprocess; the parent polls the child's ``VmRSS`` (``/proc/<pid>/status``) and kills it
@@ -145,6 +146,70 @@ def case_soak(case: dict) -> dict:
             "released_bytes": cleanup.released_bytes}
 
 
+GALORE_THRESHOLD = 0.20  # build Tensor-GaLore only if optimizer state is at least this share of the peak
+
+
+def optimizer_state(case: dict) -> dict:
+    """AdamW state of the full-size module of ``case``, counted exactly, without running its 10-GiB step.
+
+    The module is built on the ``meta`` device at its full size (shapes only: parameter counts per child, bytes of the
+    per-cell buffers, which have no optimizer state). The optimizer state is then counted from a real AdamW step on
+    the same module at depth 2: no parameter's shape depends on the depth (the face-sized ones depend on ``H·W``;
+    asserted by comparing the two parameter lists), so its state is that of the full-size module, ``step`` counters
+    included."""
+    import torch
+
+    from neat_lightning.modules.lattice import LatticeNetwork
+
+    kw = model_kwargs(case)
+    with torch.device("meta"):
+        full = LatticeNetwork(**kw)
+    thin_kw = {**kw, "lattice": {**kw["lattice"], "depth": 2, "steps": 1}}
+    thin = LatticeNetwork(**thin_kw)
+    def shapes(m) -> list:
+        return [(n, tuple(p.shape)) for n, p in m.named_parameters() if p.requires_grad]
+
+    if shapes(full) != shapes(thin):
+        raise RuntimeError("a parameter's shape depends on the lattice depth; count the full-size module directly")
+    opt = torch.optim.AdamW(thin.parameters(), lr=1e-3)  # as case_step builds it
+    for p in thin.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    params = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    param_bytes = sum(p.numel() * p.element_size() for p in full.parameters() if p.requires_grad)
+    return {
+        "size": case["size"], "params": params,
+        "params_by_child": {n: sum(p.numel() for p in m.parameters()) for n, m in full.named_children()
+                            if any(True for _ in m.parameters())},
+        "param_bytes": param_bytes, "grad_bytes": param_bytes,
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state),
+        "optimizer_state_tensors": len(state),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in full.buffers()),
+    }
+
+
+def optstate_rows(counted: dict) -> list[dict]:
+    """The optimizer state's share of each full-size peak in the ``full`` part (measured and estimated)."""
+    full = json.loads(RESULTS.read_text()).get("full", {}).get("rows", []) if RESULTS.exists() else []
+    rows = []
+    for r in full:
+        if "error" in r:
+            continue
+        measured = not (r.get("estimate_only") or r.get("extrapolated"))
+        peak = r["peak_rss_gib"] if measured else r["estimate_gib"]
+        state_gib = counted["optimizer_state_bytes"] / GIB
+        rows.append({
+            "reference": f"{r.get('stencil')}, checkpoint_every {r.get('checkpoint_every', 0)}, T={r['steps']}, "
+                         + ("measured peak RSS" if measured else "estimate"),
+            "steps": r["steps"], "stencil": r.get("stencil"), "checkpoint_every": r.get("checkpoint_every", 0),
+            "peak_gib": peak, "peak_measured": measured, "optimizer_state_gib": state_gib,
+            "share": state_gib / peak,
+            "params_grads_state_share": (2 * counted["param_bytes"] + counted["optimizer_state_bytes"]) / GIB / peak,
+        })
+    return rows
+
+
 def run_guarded(case: dict, rss_limit_gib: float, timeout_s: float) -> dict:
     """Run one case in a child process, polling its RSS; kill it above the limit."""
     cmd = [sys.executable, __file__, "--case", json.dumps(case)]
@@ -172,9 +237,9 @@ def run_guarded(case: dict, rss_limit_gib: float, timeout_s: float) -> dict:
     return result
 
 
-def save(part: str, rows) -> None:
+def save(part: str, rows, **extra) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data[part] = {"rows": rows, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
+    data[part] = {"rows": rows, **extra, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
                   "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                   "loadavg_end": os.getloadavg()[0]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +295,7 @@ NO_SAVERS = {"stencil": "sparse", "checkpoint_every": 0, "precision": "32-true"}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["estimate", "full", "savers", "soak"])
+    parser.add_argument("--part", choices=["estimate", "full", "savers", "soak", "optstate"])
     parser.add_argument("--case", help="run one case (JSON) in this process and print its result")
     parser.add_argument("--rss-limit-gib", type=float, default=17.0)
     parser.add_argument("--timeout-s", type=float, default=3600)
@@ -281,6 +346,25 @@ def main() -> None:
         size = [32, 48, 48]
         rows = [run_guarded({"size": size, "channels": 16, **v}, args.rss_limit_gib, args.timeout_s)
                 for v in (NO_SAVERS, {**SAVERS, "precision": "32-true"}, SAVERS)]
+    elif args.part == "optstate":
+        counted = optimizer_state({"size": [96, 128, 128], "channels": 16, **SAVERS})
+        rows = optstate_rows(counted)
+        if not rows:
+            parser.error(f"{RESULTS} has no 'full' rows to compare with; run --part full first")
+        worst = max(r["share"] for r in rows if r["peak_measured"])
+        decision = ("build Tensor-GaLore" if worst >= GALORE_THRESHOLD else
+                    f"do not build Tensor-GaLore: optimizer state is at most {100 * worst:.2f}% of a measured peak, "
+                    f"below the {100 * GALORE_THRESHOLD:.0f}% threshold")
+        print(f"{counted['params']:,} trainable parameters {counted['params_by_child']}; AdamW state "
+              f"{counted['optimizer_state_bytes']:,} bytes ({counted['optimizer_state_bytes'] / GIB:.4f} GiB, "
+              f"{counted['optimizer_state_tensors']} tensors); per-cell buffers (no optimizer state) "
+              f"{counted['buffer_bytes'] / GIB:.3f} GiB")
+        for r in rows:
+            print(f"  {r['reference']:>58}: peak {r['peak_gib']:8.2f} GiB, optimizer state {100 * r['share']:.3f}%, "
+                  f"params + grads + state {100 * r['params_grads_state_share']:.3f}%")
+        print(decision)
+        save(args.part, rows, counted=counted, threshold=GALORE_THRESHOLD, decision=decision)
+        return
     elif args.part == "soak":
         rows = [run_guarded({"kind": "soak", "steps": 2000, "every": 10, "warmup": 200}, args.rss_limit_gib,
                             args.timeout_s)]

@@ -52,10 +52,11 @@ from neat_lightning.components.lattice_faces import (
 )
 from neat_lightning.components.lattice_state import LatticeState
 from neat_lightning.components.optim import decay_groups
-from neat_lightning.components.plasticity import PlasticityConfig, PlasticityProfile, profile_by_name
+from neat_lightning.components.plasticity import PlasticityConfig
 from neat_lightning.components.sampling import eval_mode, sample
 from neat_lightning.modules.base import STRUCTURE_KEY, ResumableModule, upgrade_checkpoint
 from neat_lightning.modules.optim import default_adamw
+from neat_lightning.modules.plastic import PlasticLattice
 from neat_lightning.protocols import GrownParameter
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def as_config(cls: type[ConfigT], value: Any, name: str) -> ConfigT:
     return value
 
 
-class LatticeNetwork(ResumableModule):
+class LatticeNetwork(PlasticLattice, ResumableModule):
     """A 3D neural cellular automaton with plastic connections that answers questions byte by byte.
 
     Batches are dicts from :class:`~neat_lightning.data.QADataModule`: ``question`` (B, Lq) and ``answer``
@@ -258,8 +259,7 @@ class LatticeNetwork(ResumableModule):
                 # the mode's fields: load_from_checkpoint(path, **overrides) rewrites the checkpoint's hparams, not
                 # this record, so a mismatch can still be named on load
                 "fields": {f: self.hparam(f) for f in MODE_FIELDS},
-                "profile": dataclasses.asdict(self.cells.profile),
-                "clustering": bool(self.cells.clustering_enabled),
+                **self.plastic_structure(),  # profile and clustering switch
             },
         )
 
@@ -273,10 +273,7 @@ class LatticeNetwork(ResumableModule):
         if size != self.config.size or steps != self.config.steps:
             log.info("checkpoint lattice size %s differs from the configured %s; rebuilding", size, self.config.size)
             self.resize_lattice(size, steps)
-        profile = state.get("profile")
-        if profile is not None:
-            self.cells.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
-        self.cells.clustering_enabled = bool(state.get("clustering", False))
+        self.restore_plastic(state)
         self._record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -353,41 +350,6 @@ class LatticeNetwork(ResumableModule):
         self.cells.resize((D, H, W), resample)
         self._last_activity = self._last_cells = None
         self._record()
-
-    def release_memory(self) -> int:
-        """Drop the cached activity and cells of the last forward (the ``Releasable`` protocol). Returns bytes freed."""
-        freed = sum(t.numel() * t.element_size() for t in (self._last_activity, self._last_cells) if t is not None)
-        self._last_activity = self._last_cells = None
-        return freed
-
-    # -- Plastic and StagedLattice protocols -----------------------------------------------------------------------
-
-    def set_plasticity_profile(self, profile: PlasticityProfile) -> None:
-        """Switch the rules' learning-rate multipliers and activity threshold (the ``Plastic`` protocol)."""
-        if not isinstance(profile, PlasticityProfile):
-            raise TypeError(f"profile must be a PlasticityProfile, got {type(profile).__name__}")
-        self.cells.profile = profile
-        self._record()
-
-    def set_clustering_enabled(self, enabled: bool) -> None:
-        self.cells.clustering_enabled = bool(enabled)
-        self._record()
-
-    def prune_connections(self, sparsity: float) -> float:
-        """Global magnitude pruning of the connections to ``sparsity``; returns the sparsity reached."""
-        return self.cells.prune(sparsity)
-
-    @property
-    def profile(self) -> PlasticityProfile:
-        return self.cells.profile
-
-    @property
-    def clustering_enabled(self) -> bool:
-        return self.cells.clustering_enabled
-
-    @property
-    def sparsity(self) -> float:
-        return self.cells.sparsity
 
     # -- model -----------------------------------------------------------------------------------------------------
 

@@ -50,15 +50,14 @@ from neat_lightning.components.maze_lattice import (
 )
 from neat_lightning.components.plasticity import (
     PlasticityConfig,
-    PlasticityProfile,
     emergence_prune_scale,
     local_structure,
     magnitude_prune_mask,
-    profile_by_name,
 )
 from neat_lightning.modules.base import ResumableModule
 from neat_lightning.modules.lattice import LatticeOptimConfig, as_config
 from neat_lightning.modules.optim import default_adamw
+from neat_lightning.modules.plastic import PlasticLattice
 
 STRUCTURE_NAME = "lattice_maze"
 GROUPS: dict[str, type] = {
@@ -76,7 +75,7 @@ def path_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return (pred == target).flatten(1).all(1).float(), pred
 
 
-class LatticeMazeSolver(ResumableModule):
+class LatticeMazeSolver(PlasticLattice, ResumableModule):
     """The lattice's shared rule as a maze solver (or, with ``use_lattice=False``, the fixed-depth baseline).
 
     Args:
@@ -91,6 +90,8 @@ class LatticeMazeSolver(ResumableModule):
         optim: the default AdamW with warm-up and cosine decay (``rule_lr_scale`` must stay 1).
         val_steps: lattice steps in validation (None: ``maze.max_steps`` or ``lattice.steps``).
         test_steps: lattice steps in testing, free to exceed the training steps on larger mazes (None: val_steps).
+        baseline_width: channels of the fixed-depth baseline (``use_lattice=False``); None: the width whose
+            parameter count is closest to the lattice model's.
         metrics_every: log lattice metrics every this many training steps.
         lattice_seed: seed of the run lengths, firing masks and k-means samples (per step: resumes are exact).
     """
@@ -105,6 +106,7 @@ class LatticeMazeSolver(ResumableModule):
         optim: LatticeOptimConfig = MAZE_OPTIM,
         val_steps: int | None = None,
         test_steps: int | None = None,
+        baseline_width: int | None = None,
         metrics_every: int = 10,
         lattice_seed: int = 0,
     ) -> None:
@@ -122,7 +124,7 @@ class LatticeMazeSolver(ResumableModule):
                              "and >= 5: the training maze side in cells")
         if maze.max_steps is not None and maze.max_steps < lattice.steps:
             raise ValueError(f"maze.max_steps={maze.max_steps} must be >= lattice.steps={lattice.steps}")
-        for name, value in (("val_steps", val_steps), ("test_steps", test_steps)):
+        for name, value in (("val_steps", val_steps), ("test_steps", test_steps), ("baseline_width", baseline_width)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 or None")
         if metrics_every < 1:
@@ -137,7 +139,8 @@ class LatticeMazeSolver(ResumableModule):
             self.rule, self.readout = rule, readout
         else:
             lattice_params = sum(p.numel() for m in (rule, readout) for p in m.parameters())
-            self.net = FixedDepthConvNet.matched(lattice_params, depth=lattice.steps)
+            self.net = (FixedDepthConvNet(baseline_width, lattice.steps) if baseline_width is not None
+                        else FixedDepthConvNet.matched(lattice_params, depth=lattice.steps))
         self.cells = LatticeState(lattice.size, lattice.channels, plasticity, clustering)
         if maze.connection_init is not None:
             with torch.no_grad():
@@ -155,29 +158,13 @@ class LatticeMazeSolver(ResumableModule):
     # -- structure and protocols (Plastic, StagedLattice, Releasable) ---------------------------------------------
 
     def _record(self) -> None:
-        self.record_structure(STRUCTURE_NAME, {
-            "profile": dataclasses.asdict(self.cells.profile), "clustering": bool(self.cells.clustering_enabled),
-        })
+        self.record_structure(STRUCTURE_NAME, self.plastic_structure())
 
     def restore_structure(self, name: str, state: Any) -> None:
         """Rebuild the ``"lattice_maze"`` entry (profile and clustering switch); other names go to the base."""
         if name != STRUCTURE_NAME:
             return super().restore_structure(name, state)
-        profile = state.get("profile")
-        if profile is not None:
-            self.cells.profile = PlasticityProfile(**profile) if isinstance(profile, dict) else profile_by_name(profile)
-        self.cells.clustering_enabled = bool(state.get("clustering", False))
-        self._record()
-
-    def set_plasticity_profile(self, profile: PlasticityProfile) -> None:
-        """Switch the rules' learning-rate multipliers and activity threshold (the ``Plastic`` protocol)."""
-        if not isinstance(profile, PlasticityProfile):
-            raise TypeError(f"profile must be a PlasticityProfile, got {type(profile).__name__}")
-        self.cells.profile = profile
-        self._record()
-
-    def set_clustering_enabled(self, enabled: bool) -> None:
-        self.cells.clustering_enabled = bool(enabled)
+        self.restore_plastic(state)
         self._record()
 
     def prune_connections(self, sparsity: float) -> float:
@@ -193,20 +180,6 @@ class LatticeMazeSolver(ResumableModule):
                                         emergence_prune_scale(structure, weight))
             self.cells.connection_mask.copy_(mask)
             self.cells.connections.mul_(mask)
-        return self.cells.sparsity
-
-    def release_memory(self) -> int:
-        """Drop the cached activity and cells of the last forward; returns bytes freed."""
-        freed = sum(t.numel() * t.element_size() for t in (self._last_activity, self._last_cells) if t is not None)
-        self._last_activity = self._last_cells = None
-        return freed
-
-    @property
-    def profile(self) -> PlasticityProfile:
-        return self.cells.profile
-
-    @property
-    def sparsity(self) -> float:
         return self.cells.sparsity
 
     # -- model -----------------------------------------------------------------------------------------------------

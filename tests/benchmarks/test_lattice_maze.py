@@ -1,5 +1,5 @@
 """benchmarks/lattice_maze.py end to end on a tiny config: the JSON's rows carry every key the results table needs,
-a second call resumes from the JSON, and the PNG of solved mazes is written."""
+a second call resumes from the JSON, a third tests the saved checkpoints at a new size, and the PNG of solved mazes is written."""
 
 from __future__ import annotations
 
@@ -44,3 +44,15 @@ def test_benchmark_writes_rows_resumes_and_plots(tmp_path):
     assert (tmp_path / "maze.png").stat().st_size > 1000
     again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
     assert again.returncode == 0 and again.stdout.count("skipped") == 6
+    bigger = subprocess.run([*args[:-10], "--sizes", "1", "2", "3", "--mazes", "4", "2", "2", *args[-4:]],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert bigger.returncode == 0 and bigger.stdout.count("at the missing sizes") == 6, bigger.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 3 and {r["maze_cells"] for r in rows} == {7, 13, 19}
+    sweep = subprocess.run([*args[:-10], "--sizes", "2", "--mazes", "3", *args[-4:], "--sweep", "8", "2", "4"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    marks = [json.loads(line) for line in sweep.stdout.splitlines() if line.startswith("{")]
+    assert [m["test_steps"] for m in marks] == [2, 4, 8] and all(m["maze_cells"] == 13 for m in marks)
+    assert marks[0]["changed_since_previous"] is None and all(0 <= m["changed_since_previous"] <= 3 for m in marks[1:])
+    assert json.loads(out.read_text())["rows"] == rows  # a sweep writes nothing

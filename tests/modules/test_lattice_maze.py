@@ -83,6 +83,8 @@ def test_baseline_has_the_lattice_parameter_count_and_fixed_depth():
     assert abs(default_b - default_l) / default_l < 0.1
     maze = data().eval_set(7, 8)["maze"]
     assert torch.equal(base(maze, steps=3), base(maze, steps=50))  # step counts do not apply to it
+    wide = LatticeMazeSolver(**tiny(use_lattice=False, baseline_width=5))
+    assert wide.net.width == 5 and wide.net.depth == 4
 
 
 def test_plasticity_and_emergence_switches_change_the_connections(tmp_path):
@@ -151,6 +153,7 @@ def test_profile_type_error_and_bad_arguments():
         (dict(lattice={"height": 8, "width": 8}), r"lattice.height=8, lattice.width=8 must be equal, odd and >= 5"),
         (dict(maze={"max_steps": 3}), r"maze.max_steps=3 must be >= lattice.steps=4"),
         (dict(test_steps=0), r"test_steps=0 must be >= 1 or None"),
+        (dict(baseline_width=0), r"baseline_width=0 must be >= 1 or None"),
         (dict(optim={"rule_lr_scale": 0.5}), r"optim.rule_lr_scale=0.5 must be 1"),
     ]
     for kw, match in bad:
