@@ -32,7 +32,10 @@ class TransformerConfig:
     block_size: int = 256  # longest context seen in training; RoPE itself extrapolates
     window: int | None = None  # sliding-window attention span in tokens; None = full causal attention
     mlp_hidden: int | None = None  # None -> 8/3 * dim rounded up to a multiple of 32 (llama's SwiGLU sizing)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on each block's attention and MLP outputs (residual dropout)
+    # on the attention weights; off by default: any value > 0 sends PyTorch's CPU attention to its unfused path,
+    # which made a quickstart step (batch 32 x 256, 2 threads) take 0.81 s against 0.48 s with residual dropout only
+    attention_dropout: float = 0.0
     tie_weights: bool = True  # share the byte embedding with the output head: 260 x dim fewer parameters
     rope_base: float = 10_000.0
 
@@ -46,8 +49,9 @@ class TransformerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window={self.window} must be >= 1 or None")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
 
     @property
     def dim_head(self) -> int:
@@ -128,10 +132,12 @@ class CausalSelfAttention(nn.Module):
             mask = attention_mask(q_pos, k_pos, cfg.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif cfg.window is None or cfg.window >= x.shape[1]:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=cfg.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=cfg.attention_dropout if self.training else 0.0)
         else:
             mask = attention_mask(positions, positions, cfg.window)  # (T, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=cfg.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=cfg.attention_dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
