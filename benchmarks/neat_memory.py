@@ -10,6 +10,7 @@ RSS is its own; training and inference throughput are measured in it.
     OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --max-minutes 14  # the measured run (docs/neat.md, Results)
     python benchmarks/neat_memory.py --steps 20 --eval-samples 20      # smoke run
     OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --svf           # the SVF experiment (key "svf" of the JSON)
+    OMP_NUM_THREADS=1 python benchmarks/neat_memory.py --task mqar     # multi-query recall (neat_memory_tasks.py)
 
 Writes ``benchmarks/results/neat_memory.json`` (atomically) and keeps the checkpoints in ``runs/neat_memory/``.
 """
@@ -270,6 +271,12 @@ def write_results(out: Path, key: str | None, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--task" or a.startswith("--task=") for a in argv):  # mqar / needle: their own driver
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import neat_memory_tasks
+
+        return neat_memory_tasks.main(argv)
     args = parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args, args.worker)), flush=True)
@@ -286,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
                                                             or k in ("dim", "layers", "lr", "seed")}, **result})
         print(f"wrote {args.out}")
         return 0
-    argv = list(sys.argv[1:] if argv is None else argv)
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
     pending = list(args.variants)

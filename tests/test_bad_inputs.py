@@ -331,6 +331,24 @@ CATALOGUE += [
 ]
 
 
+# -- memory tasks
+
+def _math_data(**kw):
+    from neat_lightning.data.math import MathDataModule
+
+    return MathDataModule(**kw)
+
+
+CATALOGUE += [
+    ("mqar facts warm-up without n_facts", lambda t, c: _math_data(tasks=["mqar"], facts_warmup=5), ValueError,
+     r"facts_warmup=5 needs n_facts set"),
+    ("mqar with no queries", lambda t, c: _math_data(tasks=["mqar"], n_facts=4, queries=0), ValueError,
+     r"queries=0 must be >= 1"),
+    ("needle depth out of [0, 1]", lambda t, c: _math_data(tasks=["needle"], depth_range=(0.0, 2.0)), ValueError,
+     r"depth_range=\(0.0, 2.0\) must satisfy 0 <= min <= max <= 1"),
+]
+
+
 @pytest.mark.parametrize("name, fn, exc, match", CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])

@@ -33,6 +33,16 @@ from neat_lightning.data.generators.math import (
 from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches
 
 
+def check_curriculum(gap_warmup: int, facts_warmup: int, n_facts: int | None) -> None:
+    """Refuse negative warm-ups and a facts warm-up without a fixed ``n_facts`` to grow to."""
+    if gap_warmup < 0:
+        raise ValueError(f"gap_warmup={gap_warmup} must be >= 0")
+    if facts_warmup < 0:
+        raise ValueError(f"facts_warmup={facts_warmup} must be >= 0")
+    if facts_warmup and n_facts is None:
+        raise ValueError(f"facts_warmup={facts_warmup} needs n_facts set (the number of facts it grows to), not None")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # datasets
 
@@ -46,7 +56,9 @@ class ProblemBatches(StepAlignedBatches):
 
     Curriculum: with ``gap_warmup > 0`` the largest gap of batch ``k`` grows linearly from ``gap_range[0]`` to
     ``gap_range[1]`` over the first ``gap_warmup`` batches (short gaps — inside the attention window — first);
-    it is a function of ``k`` alone, so resumed runs see the same gaps.
+    with ``facts_warmup > 0`` the number of facts grows linearly from 1 to ``n_facts`` over the first
+    ``facts_warmup`` batches (``mqar`` asks ``min(queries, facts)`` of them). Both are functions of ``k`` alone, so
+    resumed runs see the same tasks.
     """
 
     def __init__(
@@ -61,11 +73,14 @@ class ProblemBatches(StepAlignedBatches):
         seed: int,
         split: str,
         gap_warmup: int = 0,
+        facts_warmup: int = 0,
+        queries: int = 2,
+        depth_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__(n_batches)
-        if gap_warmup < 0:
-            raise ValueError(f"gap_warmup={gap_warmup} must be >= 0")
-        self.gap_warmup = gap_warmup
+        check_curriculum(gap_warmup, facts_warmup, n_facts)
+        self.gap_warmup, self.facts_warmup = gap_warmup, facts_warmup
+        self.queries, self.depth_range = queries, depth_range
         self.tasks, self.difficulties, self.gap_range, self.n_facts = list(tasks), list(difficulties), gap_range, n_facts
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.split = seed, split
@@ -82,13 +97,23 @@ class ProblemBatches(StepAlignedBatches):
             return hi
         return lo + round((hi - lo) * min(1.0, (k + 1) / self.gap_warmup))
 
+    def facts(self, k: int) -> int | None:
+        """The number of facts of batch ``k``'s memory problems (the curriculum; ``n_facts`` once warm-up is over)."""
+        if self.facts_warmup == 0 or self.n_facts is None:
+            return self.n_facts
+        return 1 + round((self.n_facts - 1) * min(1.0, (k + 1) / self.facts_warmup))
+
     def batch(self, k: int) -> dict[str, torch.Tensor]:
         rows_ids, rows_ans, rows_task = [], [], []
         lo, hi = self.gap_range[0], self.max_gap(k)
+        n_facts = self.facts(k)
         for r in range(self.batch_size):
             rng = rng_for(self.split, self.seed, k, self.rank, r)
             spec = RowSpec(rng.choice(self.tasks), rng.choice(self.difficulties), rng.randint(lo, hi))
-            ids, ans = build_row(spec, self.block_size + 1, rng, self.n_facts)
+            if spec.task in ("mqar", "needle"):  # extra draws only for these tasks: other rows stay as they were
+                depth = rng.uniform(*self.depth_range) if spec.task == "needle" else None
+                spec = RowSpec(spec.task, spec.difficulty, spec.gap, self.queries, depth)
+            ids, ans = build_row(spec, self.block_size + 1, rng, n_facts)
             rows_ids.append(ids)
             rows_ans.append(ans)
             rows_task.append(self.task_index[spec.task])
@@ -115,6 +140,10 @@ class MathDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         gap_warmup: training batches over which the largest memory-task gap grows from ``gap_range[0]`` to
             ``gap_range[1]`` (a curriculum); 0 draws from the whole range from the start. Validation always does.
+        facts_warmup: training batches over which the number of facts per memory problem grows from 1 to
+            ``n_facts`` (a curriculum; needs ``n_facts``); 0 uses ``n_facts`` from the start. Validation always does.
+        queries: scored queries per ``mqar`` problem (at most its number of facts are asked).
+        depth_range: ``(min, max)`` relative depth of the fact in a ``needle`` document, drawn uniformly.
     """
 
     def __init__(
@@ -131,10 +160,16 @@ class MathDataModule(L.LightningDataModule):
         val_seed: int = 99_991,
         num_workers: int = 0,
         gap_warmup: int = 0,
+        facts_warmup: int = 0,
+        queries: int = 2,
+        depth_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         super().__init__()
-        if gap_warmup < 0:
-            raise ValueError(f"gap_warmup={gap_warmup} must be >= 0")
+        check_curriculum(gap_warmup, facts_warmup, n_facts)
+        if queries < 1:
+            raise ValueError(f"queries={queries} must be >= 1")
+        if not 0.0 <= depth_range[0] <= depth_range[1] <= 1.0:
+            raise ValueError(f"depth_range={tuple(depth_range)} must satisfy 0 <= min <= max <= 1")
         if not tasks:
             raise ValueError("tasks=[] must name at least one task type")
         for t in tasks:
@@ -160,7 +195,7 @@ class MathDataModule(L.LightningDataModule):
             )
         memory = [t for t in tasks if t in MEMORY_TASKS]
         if memory:
-            need = hi + max(memory_overhead(t, max(difficulties), n_facts) for t in memory)
+            need = hi + max(memory_overhead(t, max(difficulties), n_facts, queries) for t in memory)
             if need > block_size + 1:
                 raise ValueError(
                     f"block_size={block_size} is too short for gap_range max {hi}: memory problems need up to "
@@ -172,14 +207,15 @@ class MathDataModule(L.LightningDataModule):
         self.block_size, self.batch_size = block_size, batch_size
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
         self.seed, self.val_seed, self.num_workers = seed, val_seed, num_workers
-        self.gap_warmup = gap_warmup
+        self.gap_warmup, self.facts_warmup = gap_warmup, facts_warmup
+        self.queries, self.depth_range = queries, (float(depth_range[0]), float(depth_range[1]))
 
     def dataset(self, split: str) -> ProblemBatches:
         train = split == "train"
         return ProblemBatches(
             self.tasks, self.difficulties, self.gap_range, self.n_facts, self.block_size, self.batch_size,
             self.batches_per_epoch if train else self.val_batches, self.seed if train else self.val_seed, split,
-            self.gap_warmup if train else 0,
+            self.gap_warmup if train else 0, self.facts_warmup if train else 0, self.queries, self.depth_range,
         )
 
     def _place(self, ds: ProblemBatches, train: bool) -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from neat_lightning.data.math import TASK_TYPES
+from neat_lightning.data.math import MATH_TASKS
 
-DEFAULT_SVF_TASKS = (*TASK_TYPES, "general")  # 8 experts: the 7 task types of data.math and a general one
+# 8 experts: the math types, the three one-fact memory types and a general one (mqar and needle rows use general)
+DEFAULT_SVF_TASKS = (*MATH_TASKS, "fact_recall", "temporal_gap", "surprise", "general")
 
 
 @dataclass(frozen=True)

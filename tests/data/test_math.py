@@ -66,3 +66,45 @@ def test_datamodule_validates_its_settings():
         MathDataModule(tasks=["word_problem"], block_size=64)
     with pytest.raises(ValueError, match=r"batch_size=0 must be >= 1"):
         MathDataModule(batch_size=0)
+
+
+def test_facts_curriculum_grows_the_number_of_facts_monotonically():
+    kwargs = dict(tasks=["mqar"], difficulties=[2], n_facts=8, queries=2, block_size=192, batch_size=8,
+                  gap_range=(0, 64))
+    ds = MathDataModule(**kwargs, facts_warmup=14, gap_warmup=14).dataset("train")
+    plain = MathDataModule(**kwargs).dataset("train")
+    facts = [ds.facts(k) for k in range(20)]
+    assert facts[0] == 1 and facts[-1] == 8 and all(a <= b for a, b in zip(facts, facts[1:]))
+    assert [ds.max_gap(k) for k in (0, 13, 19)] == [5, 64, 64]
+    for k in (0, 6, 30):  # the rows hold exactly facts(k) facts and min(2, facts(k)) scored queries
+        b = ds.batch(k)
+        for row, ans in zip(b["ids"], b["answer_ids"]):
+            header = decode(row, stop_at_eos=False).split("\n")[0]
+            assert header.count("=") == ds.facts(k) and int(ans.max()) == min(2, ds.facts(k))
+    assert torch.equal(ds.batch(30)["ids"], plain.batch(30)["ids"])  # after the warm-up: the plain batches
+    ds.start_batch = 5  # a resumed run starts mid-warm-up and sees the batches of the uninterrupted one
+    assert [torch.equal(x["ids"], ds.batch(k)["ids"]) for k, x in zip((5, 6), ds)] == [True, True]
+    assert MathDataModule(**kwargs, facts_warmup=10).dataset("val").facts_warmup == 0
+
+
+def test_mqar_and_needle_rows_fit_and_score_each_query():
+    dm = MathDataModule(tasks=["mqar", "needle"], difficulties=[3], n_facts=10, queries=10, block_size=300,
+                        batch_size=16, gap_range=(100, 100), depth_range=(0.5, 0.5))
+    b = dm.dataset("train").batch(0)
+    for row, ans, task in zip(b["ids"], b["answer_ids"], b["task"]):
+        assert int(ans.max()) == (10 if TASK_TYPES[int(task)] == "mqar" else 1)
+        assert ((row != PAD_ID) | (ans == 0)).all()
+    assert {TASK_TYPES[int(t)] for t in b["task"]} == {"mqar", "needle"}
+
+
+def test_datamodule_refuses_bad_memory_settings():
+    with pytest.raises(ValueError, match=r"facts_warmup=5 needs n_facts set"):
+        MathDataModule(tasks=["mqar"], facts_warmup=5)
+    with pytest.raises(ValueError, match=r"facts_warmup=-1 must be >= 0"):
+        MathDataModule(tasks=["mqar"], n_facts=4, facts_warmup=-1)
+    with pytest.raises(ValueError, match=r"queries=0 must be >= 1"):
+        MathDataModule(tasks=["mqar"], n_facts=4, queries=0)
+    with pytest.raises(ValueError, match=r"depth_range=\(0.2, 1.5\) must satisfy 0 <= min <= max <= 1"):
+        MathDataModule(tasks=["needle"], depth_range=(0.2, 1.5))
+    with pytest.raises(ValueError, match=r"block_size=128 is too short for gap_range max 128"):
+        MathDataModule(tasks=["mqar"], n_facts=8, block_size=128)

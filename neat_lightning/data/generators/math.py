@@ -8,7 +8,9 @@ Task types (:data:`TASK_TYPES`), each at difficulty 1..3, each a :class:`Problem
 * memory — ``fact_recall`` (facts stated early and spread through routine text, one asked at the end),
   ``temporal_gap`` (facts, then exactly ``gap`` bytes of routine text, then the question — far beyond an attention
   window when ``gap`` is large), ``surprise`` (routine facts that all read ``=0`` and one unexpected value; the
-  question asks which key was the odd one).
+  question asks which key was the odd one), ``mqar`` (multi-query associative recall: ``k`` facts, exactly ``gap``
+  routine bytes, then ``q`` queries ``key=`` whose values are each scored on their own) and ``needle`` (one fact at a
+  relative depth of a routine document of ``gap`` bytes, then the question).
 
 Everything is a pure function of a seed: problem ``i`` of ``(seed, split)`` never depends on other problems, so
 any batch can be rebuilt from its index (exact mid-epoch resume, as in :mod:`neat_lightning.data.bytes`).
@@ -29,7 +31,7 @@ import torch
 from neat_lightning.codec import BOS_ID, EOS_ID, OFFSET, PAD_ID
 
 MATH_TASKS = ("arithmetic", "algebra", "sequence", "word_problem")
-MEMORY_TASKS = ("fact_recall", "temporal_gap", "surprise")
+MEMORY_TASKS = ("fact_recall", "temporal_gap", "surprise", "mqar", "needle")
 TASK_TYPES = MATH_TASKS + MEMORY_TASKS
 DIFFICULTIES = (1, 2, 3)
 
@@ -46,6 +48,16 @@ ROUTINE = (
 )
 ANSWER_MARK = "#### "
 _ANSWER_RE = re.compile(r"####[ \t]*([^\n]*)")
+_LEADING_RE = re.compile(r"[ \t]*([0-9A-Za-z+-]+)")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A further scored question of a multi-query problem: ``question`` (not scored) then ``solution`` (scored)."""
+
+    question: str
+    solution: str
+    answer: str
 
 
 @dataclass(frozen=True)
@@ -58,10 +70,17 @@ class Problem:
     solution: str
     answer: str
     gap: int = 0  # memory tasks: bytes of routine text between the queried fact and the question
+    turns: tuple[Turn, ...] = ()  # mqar: the queries after the first, each scored on its own
+    marker: str = ANSWER_MARK  # the answer follows this marker; "" when the completion starts with the answer
 
     @property
     def text(self) -> str:
-        return self.prompt + self.solution
+        return self.prompt + self.solution + "".join(t.question + t.solution for t in self.turns)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The answer of every scored query, in order (one for single-question problems)."""
+        return (self.answer,) + tuple(t.answer for t in self.turns)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,16 +100,24 @@ def _as_int(s: str) -> int | None:
     return None
 
 
-def check_answer(problem: Problem, text: str) -> bool:
-    """True when the last ``#### <answer>`` line of ``text`` states ``problem.answer``.
+def check_answer(problem: Problem, text: str, query: int = 0) -> bool:
+    """True when ``text`` states the answer of query ``query`` of ``problem`` (0: the only or the first question).
 
-    Numbers compare by value (``+7``, ``7`` and ``0007`` agree; thousands commas are ignored); other answers
-    compare case-insensitively after stripping. A text without the marker is wrong.
+    With the ``####`` marker the last ``#### <answer>`` line counts; for marker-less problems (``mqar``) ``text`` is
+    the completion after the query's ``key=`` and its leading word counts. Numbers compare by value (``+7``, ``7`` and
+    ``0007`` agree; thousands commas are ignored); other answers compare case-insensitively after stripping. A text
+    without the marker is wrong.
     """
-    got = parse_answer(text)
+    if not 0 <= query < len(problem.answers):
+        raise ValueError(f"query={query} must be in [0, {len(problem.answers) - 1}] for this {problem.task} problem")
+    if problem.marker:
+        got = parse_answer(text)
+    else:
+        found = _LEADING_RE.match(text)
+        got = found.group(1) if found else None
     if got is None or not got:
         return False
-    want = problem.answer.strip()
+    want = problem.answers[query].strip()
     want_int, got_int = _as_int(want), _as_int(got)
     if want_int is not None:
         return got_int is not None and got_int == want_int
@@ -272,8 +299,48 @@ def surprise(rng: random.Random, difficulty: int, gap: int, n_facts: int | None 
     return Problem("surprise", difficulty, prompt, f"{ANSWER_MARK}{keys[odd]}\n", keys[odd], gap)
 
 
+def mqar(rng: random.Random, difficulty: int, gap: int, n_facts: int | None = None, queries: int = 2) -> Problem:
+    """Multi-query associative recall (Zoology, Arora et al. 2023) over bytes.
+
+    ``Remember: k1=v1. … kn=vn.`` + newline + exactly ``gap`` routine bytes + newline + ``Q: ka=va. kb=vb.`` with
+    ``queries`` distinct keys drawn from the facts (in random order). Keys are distinct draws from :data:`KEYS` (a pool
+    of 20, larger than any ``n``), values independent uniform digits (two digits at difficulty 3): neither follows
+    from anything but the facts. Each value of the query line (with its ``.``) is its own scored completion, so a
+    row yields ``queries`` exact-match counts; chance per query is 1/10 (1/90 with two digits).
+    """
+    n = _n_facts(difficulty, n_facts)
+    if not 1 <= queries <= n:
+        raise ValueError(f"queries={queries} must be in [1, n_facts={n}] (each query asks a different stated key)")
+    keys = rng.sample(KEYS, n)
+    values = [_value(rng, difficulty) for _ in keys]
+    asked = rng.sample(range(n), queries)
+    facts = " ".join(f"{k}={v}." for k, v in zip(keys, values))
+    prompt = f"Remember: {facts}\n{routine_text(rng, gap)}\nQ: {keys[asked[0]]}="
+    solutions = [values[i] + "." for i in asked]
+    solutions[-1] += "\n"
+    turns = tuple(Turn(f" {keys[i]}=", sol, values[i]) for i, sol in zip(asked[1:], solutions[1:]))
+    return Problem("mqar", difficulty, prompt, solutions[0], values[asked[0]], gap, turns, marker="")
+
+
+def needle(rng: random.Random, difficulty: int, gap: int, n_facts: int | None = None, depth: float | None = None) -> Problem:
+    """One fact ``key=v.`` at relative ``depth`` (0 = start, 1 = end; drawn uniformly when ``None``) of a routine
+    document of exactly ``gap`` bytes, then ``Q: key?``; answer ``v``. ``Problem.gap`` is the routine bytes between
+    the fact and the question, ``gap - round(depth * gap)``."""
+    if depth is None:
+        depth = rng.random()
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be in [0, 1] (relative position of the fact in the document)")
+    key, value = rng.choice(KEYS), _value(rng, difficulty)
+    before = round(depth * gap)
+    doc = f"{routine_text(rng, before)} {key}={value}. {routine_text(rng, gap - before)}"
+    prompt = f"Doc: {doc}\nQ: {key}?\n"
+    return Problem("needle", difficulty, prompt, f"{ANSWER_MARK}{value}\n", value, gap - before)
+
+
 MATH_GENERATORS = {"arithmetic": arithmetic, "algebra": algebra, "sequence": sequence, "word_problem": word_problem}
-MEMORY_GENERATORS = {"fact_recall": fact_recall, "temporal_gap": temporal_gap, "surprise": surprise}
+MEMORY_GENERATORS = {
+    "fact_recall": fact_recall, "temporal_gap": temporal_gap, "surprise": surprise, "mqar": mqar, "needle": needle,
+}
 
 
 def check_task(task: str, field: str = "task") -> None:
@@ -287,9 +354,17 @@ def check_difficulty(difficulty: int, field: str = "difficulty") -> None:
 
 
 def generate_problem(
-    task: str, difficulty: int, rng: random.Random, gap: int = 0, n_facts: int | None = None
+    task: str,
+    difficulty: int,
+    rng: random.Random,
+    gap: int = 0,
+    n_facts: int | None = None,
+    queries: int = 2,
+    depth: float | None = None,
 ) -> Problem:
-    """One problem of ``task`` at ``difficulty`` from ``rng``. ``gap`` / ``n_facts`` apply to memory tasks."""
+    """One problem of ``task`` at ``difficulty`` from ``rng``. ``gap`` / ``n_facts`` apply to memory tasks,
+    ``queries`` to ``mqar`` (at most the number of facts: ``min(queries, n_facts)`` are asked) and ``depth`` to
+    ``needle``."""
     check_task(task)
     check_difficulty(difficulty)
     if task in MATH_GENERATORS:
@@ -298,6 +373,12 @@ def generate_problem(
         raise ValueError(f"gap={gap} must be >= 0")
     if n_facts is not None and not 1 <= n_facts <= len(KEYS) // 2:
         raise ValueError(f"n_facts={n_facts} must be in [1, {len(KEYS) // 2}]")
+    if queries < 1:
+        raise ValueError(f"queries={queries} must be >= 1")
+    if task == "mqar":
+        return mqar(rng, difficulty, gap, n_facts, min(queries, _n_facts(difficulty, n_facts)))
+    if task == "needle":
+        return needle(rng, difficulty, gap, n_facts, depth)
     return MEMORY_GENERATORS[task](rng, difficulty, gap, n_facts)
 
 
@@ -337,64 +418,82 @@ def _ids(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + OFFSET
 
 
+def encode_segments(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BOS prompt solution [question solution]… EOS`` -> ids (N,) int64 and (N,) int64 completion indices:
+    ``j + 1`` on the bytes of the j-th scored completion (the last one includes EOS), 0 elsewhere."""
+    pieces = [(torch.tensor([BOS_ID]), 0), (_ids(problem.prompt), 0), (_ids(problem.solution), 1)]
+    for j, turn in enumerate(problem.turns):
+        pieces += [(_ids(turn.question), 0), (_ids(turn.solution), j + 2)]
+    pieces.append((torch.tensor([EOS_ID]), len(problem.turns) + 1))
+    ids = torch.cat([p for p, _ in pieces])
+    seg = torch.cat([torch.full((len(p),), k, dtype=torch.long) for p, k in pieces])
+    return ids, seg
+
+
 def encode_problem(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BOS prompt solution EOS`` -> ids (N,) int64 and a (N,) bool mask of the completion (solution + EOS)."""
-    prompt, solution = _ids(problem.prompt), _ids(problem.solution)
-    ids = torch.cat([torch.tensor([BOS_ID]), prompt, solution, torch.tensor([EOS_ID])])
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    mask[1 + len(prompt) :] = True
-    return ids, mask
+    """``BOS prompt solution EOS`` -> ids (N,) int64 and a (N,) bool mask of the scored completions (solution(s) +
+    EOS)."""
+    ids, seg = encode_segments(problem)
+    return ids, seg > 0
 
 
 def pack_problems(problems: Sequence[Problem], length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Pack whole problems into one row of ``length`` ids, PAD after the last that fits.
 
-    Returns ids (length,) int64, answer_ids (length,) int64 (k on problem k's completion, 1-based) and the number
-    of problems packed. A first problem longer than the row raises.
+    Returns ids (length,) int64, answer_ids (length,) int64 (k on the k-th scored completion of the row, 1-based:
+    one per problem, one per query of an ``mqar`` problem) and the number of problems packed. A first problem
+    longer than the row raises.
     """
     ids = torch.full((length,), PAD_ID, dtype=torch.long)
     answer = torch.zeros(length, dtype=torch.long)
-    pos, k = 0, 0
+    pos, k, done = 0, 0, 0
     for p in problems:
-        p_ids, p_mask = encode_problem(p)
+        p_ids, p_seg = encode_segments(p)
         if pos + len(p_ids) > length:
-            if k == 0:
+            if done == 0:
                 raise ValueError(
                     f"a {p.task} problem needs {len(p_ids)} ids but the row holds block_size + 1 = {length}; "
                     "raise block_size or lower gap_range"
                 )
             break
-        k += 1
         ids[pos : pos + len(p_ids)] = p_ids
-        answer[pos : pos + len(p_ids)] = p_mask.long() * k
+        answer[pos : pos + len(p_ids)] = torch.where(p_seg > 0, p_seg + k, 0)
+        k += int(p_seg.max())
+        done += 1
         pos += len(p_ids)
-    return ids, answer, k
+    return ids, answer, done
 
 
 # longest encoded problem (BOS + text + EOS) of each math task over all difficulties, with a small margin
 MATH_MAX_IDS = {"arithmetic": 52, "algebra": 72, "sequence": 68, "word_problem": 112}
 
 
-def memory_overhead(task: str, difficulty: int = 3, n_facts: int | None = None) -> int:
-    """Upper bound on a memory problem's ids beyond its ``gap`` (BOS, facts, question, answer, EOS)."""
+def memory_overhead(task: str, difficulty: int = 3, n_facts: int | None = None, queries: int = 2) -> int:
+    """Upper bound on a memory problem's ids beyond its ``gap`` (BOS, facts, question(s), answer(s), EOS)."""
     n = _n_facts(difficulty, n_facts)
+    if task == "mqar":  # BOS/EOS, header, "key=vv. " per fact and per query, newlines and "Q: "
+        return 2 + 12 + n * 8 + 6 + min(queries, n) * 8
+    if task == "needle":  # BOS/EOS, "Doc: ", " key=vv. ", question, "#### vv\n"
+        return 2 + 6 + 9 + 10 + 10
     n_listed = max(3, 2 * n + 1) if task == "surprise" else n
     return 2 + 12 + n_listed * 8 + 12 + 10  # BOS/EOS, header, "key=vv. " per fact, question, "#### key\n"
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """What one batch row holds: its task, difficulty and (memory tasks) gap."""
+    """What one batch row holds: its task, difficulty and (memory tasks) gap, facts, queries and needle depth."""
 
     task: str
     difficulty: int
     gap: int
+    queries: int = 2
+    depth: float | None = None
 
 
 def build_row(spec: RowSpec, length: int, rng: random.Random, n_facts: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One row of ``length`` ids: a single memory problem, or as many math problems of one type as fit."""
     if spec.task in MEMORY_GENERATORS:
-        problems = [generate_problem(spec.task, spec.difficulty, rng, spec.gap, n_facts)]
+        problems = [generate_problem(spec.task, spec.difficulty, rng, spec.gap, n_facts, spec.queries, spec.depth)]
     else:  # math problems are ~20-60 bytes: generate enough to fill the row
         problems = [generate_problem(spec.task, spec.difficulty, rng) for _ in range(max(1, length // 12))]
     ids, answer, _ = pack_problems(problems, length)
