@@ -9,7 +9,7 @@ from the checkpoint taken just before the stage (``ckpt_path``), so every rank s
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_initiation.py            # ~10 min on a busy 2-core CPU
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_initiation.py --quick    # smoke run, ~1 min
 
-Writes ``benchmarks/results/lora_initiation.json`` (``--out`` to change). Targets (issue 10): held-out scene bpb
+Writes ``benchmarks/results/lora_initiation.json`` (``--out`` to change). Targets: held-out scene bpb
 drops after the stage; built-in corpus bpb rises by less than 5 %.
 """
 
