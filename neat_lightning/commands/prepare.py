@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from neat_lightning.commands import doc_summary
 
 PROG = "neat prepare"
 READ_CHUNK = 16 * 2**20
@@ -102,8 +103,7 @@ def verify(path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
-    parser = argparse.ArgumentParser(prog=PROG, description=summary,
+    parser = argparse.ArgumentParser(prog=PROG, description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="GLOB", help="text files or globs; each file is a document")

@@ -27,6 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from neat_lightning.commands import doc_summary
 from neat_lightning.commands.score import (
     add_scoring_arguments,
     checkpoint_summary,
@@ -73,8 +74,7 @@ def load_datamodule(config_path: Path, overrides: dict):
 
 
 def main(argv: list[str]) -> int:
-    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
-    parser = argparse.ArgumentParser(prog="neat report", description=summary,
+    parser = argparse.ArgumentParser(prog="neat report", description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
     parser.add_argument("--ckpt", required=True, type=Path, help="a ByteLM checkpoint")

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from neat_lightning.commands import doc_summary
 from neat_lightning.codec import EOS_ID, ids_from_bytes
 
 PROG = "neat score"
@@ -389,8 +390,7 @@ def print_table(title: str, model_name: str, data: bytes, passes: list[Pass], co
 
 
 def main(argv: list[str]) -> int:
-    summary = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")  # the first paragraph, one line
-    parser = argparse.ArgumentParser(prog=PROG, description=summary,
+    parser = argparse.ArgumentParser(prog=PROG, description=doc_summary(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--ckpt", required=True, help="a ByteLM or NeatModel checkpoint")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE",
