@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # train the quickstart ByteLM, then report it on held-out documents and on docs/*.md (text it never saw), static and
-# adaptive (neat score --adapt), each beside gzip -9, bz2 -9 and xz -9e. FIT_ARGS adds options to the fit, e.g.
+# adaptive (neat score --adapt) and with the byte-context cache (--cache), each beside gzip -9, bz2 -9 and xz -9e.
+# FIT_ARGS adds options to the fit, e.g.
 # make quickstart FIT_ARGS='--trainer.max_time null'   (no 7-minute guard on a slow or busy machine)
 quickstart: venv
 	$(NEAT) fit --config configs/byte_lm_quickstart.yaml $(FIT_ARGS)
 	$(NEAT) report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt \
-		--ood 'docs/*.md' --adapt
+		--ood 'docs/*.md' --adapt --cache
 
 test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -155,7 +155,8 @@ def sweep_steps(module, data, factor: int, n_mazes: int, marks: list[int]) -> li
     with torch.no_grad():
         inputs, op = maze_channels(mazes["maze"]), module._operator(size)
         for mark in marks:  # over step counts: the run continues from the last count
-            state, _ = run_recall(module.rule, inputs, op, mark - done, state=state, recall=module.maze_config.recall)
+            state, _ = run_recall(module.rule, inputs, op, mark - done, state=state, recall=module.maze_config.recall,
+                                  bound=module.maze_config.bound)
             done = mark
             exact, pred = path_scores(module._logits(state, size), target)
             rows.append({

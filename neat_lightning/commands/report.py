@@ -121,12 +121,12 @@ def main(argv: list[str]) -> int:
     if ood is not None:
         paths, data = ood
         console.print(f"out-of-domain text: {describe_input(paths, data)}")
-        passes = score_bytes(model, data, settings, args.adapt, device)
+        passes = score_bytes(model, data, settings, args.adapt, device, args.cache)
         compressors = compression_bpb(data)
         ood_result = results_dict(data, passes, compressors, sum(p.seconds for p in passes))
         ood_result["files"] = [str(p) for p in paths]
         print_table(f"Out-of-domain bits per byte ({len(data):,} bytes, {len(paths)} files: {', '.join(args.ood)}; "
-                    f"{describe_settings(settings, args.adapt)})", f"ByteLM ({n_params})", data, passes,
+                    f"{describe_settings(settings, args.adapt, args.cache)})", f"ByteLM ({n_params})", data, passes,
                     compressors, console)
         for line in verdicts(ood_result):
             console.print(line)
@@ -159,6 +159,9 @@ def verdicts(result: dict) -> list[str]:
         adaptive = result["bpb_adaptive"]
         lines.append(f"Out of domain, adaptive: {adaptive:.3f} bpb, {adaptive / xz - 1:+.1%} vs xz -9e, "
                      f"{adaptive / static - 1:+.1%} vs static.")
+    if "bpb_adaptive_cache" in result:
+        cached = result["bpb_adaptive_cache"]
+        lines.append(f"Out of domain, adaptive + cache: {cached:.3f} bpb, {cached / xz - 1:+.1%} vs xz -9e.")
     return lines
 
 

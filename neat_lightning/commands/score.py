@@ -133,6 +133,7 @@ class ScoreSettings:
     lr: float = 3e-4  # Adam learning rate of the adaptive pass
     steps: int = 1  # Adam steps per window in the adaptive pass
     batch_size: int = 32  # windows per forward in the static pass
+    cache_orders: tuple[int, int] = (3, 10)  # the byte contexts the cache counts (--cache), shortest and longest
 
     def __post_init__(self) -> None:
         if self.context < 2:
@@ -147,6 +148,9 @@ class ScoreSettings:
             raise ValueError(f"--steps={self.steps} must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size={self.batch_size} must be >= 1")
+        lo, hi = self.cache_orders
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--cache-orders={lo} {hi} must satisfy 1 <= shortest <= longest")
 
 
 def window_spans(n_bytes: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -207,7 +211,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 @torch.no_grad()
 def static_scores(scorer: ByteScorer, ids: torch.Tensor, spans: Sequence[tuple[int, int, int]],
                   batch_size: int) -> torch.Tensor:
-    """Nats each window scores (n_windows,) float64 with fixed weights, windows batched (memory reset per window).
+    """Nats of every byte (n_bytes,) float64 with fixed weights, windows batched (memory reset per window).
 
     ``no_grad`` rather than ``inference_mode``: the Titans memory takes gradients of its inner loss while reading."""
     scorer.model.eval()
@@ -216,15 +220,13 @@ def static_scores(scorer: ByteScorer, ids: torch.Tensor, spans: Sequence[tuple[i
         group = spans[i : i + batch_size]
         batch = torch.stack([ids[s : e + 1] for s, e, _ in group])  # (B, L + 1)
         nats, _ = scorer.nats(batch)  # (B, L)
-        first = torch.tensor([f - s for s, _, f in group], device=ids.device)  # first scored prediction per row
-        keep = torch.arange(nats.shape[1], device=ids.device)[None] >= first[:, None]  # (B, L)
-        out.append((nats.double() * keep).sum(dim=1))
+        out += [row[f - s :].double() for row, (s, _, f) in zip(nats, group)]  # the scored predictions of each row
     return torch.cat(out)
 
 
 def sequential_scores(scorer: ByteScorer, ids: torch.Tensor, spans: Sequence[tuple[int, int, int]],
                       settings: ScoreSettings, gradient: bool, carry_memory: bool) -> torch.Tensor:
-    """Nats each window scores (n_windows,) float64, windows in order, each scored before anything learns from it.
+    """Nats of every byte (n_bytes,) float64, windows in order, each scored before anything learns from it.
 
     Args:
         gradient: after scoring a window, take ``settings.steps`` Adam steps (``settings.lr``) on its mean next-byte
@@ -242,7 +244,7 @@ def sequential_scores(scorer: ByteScorer, ids: torch.Tensor, spans: Sequence[tup
         window = ids[s : e + 1][None]  # (1, L + 1)
         with torch.set_grad_enabled(gradient):
             nats, new_state = scorer.nats(window, state if carry_memory else None)  # (1, L)
-            out.append(nats[0, f - s :].detach().double().sum())  # the score, taken before any step on the window
+            out.append(nats[0, f - s :].detach().double())  # the score, taken before any step on the window
             for step in range(settings.steps if gradient else 0):
                 if step:
                     nats, _ = scorer.nats(window, state if carry_memory else None)
@@ -250,26 +252,29 @@ def sequential_scores(scorer: ByteScorer, ids: torch.Tensor, spans: Sequence[tup
                 nats.mean().backward()
                 optimizer.step()
         state = detach(new_state)
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass
 class Pass:
-    """One way of scoring: its total bits per byte, its time, and the nats of each window."""
+    """One way of scoring: its total bits per byte, its time, the nats of each byte (n_bytes,) and of each window
+    (n_windows,: the sums of the bytes each window scored)."""
 
     name: str
     bpb: float
     seconds: float
+    byte_nats: torch.Tensor
     window_nats: torch.Tensor
 
 
 def score_bytes(model: nn.Module, data: bytes, settings: ScoreSettings = ScoreSettings(), adapt: bool = False,
-                device: str | torch.device = "cpu") -> list[Pass]:
+                device: str | torch.device = "cpu", cache: bool = False) -> list[Pass]:
     """Score ``data`` with ``model`` (a ByteLM or NeatModel) every way that applies. ``model`` is moved to ``device``;
     its weights are unchanged (the adaptive passes learn in copies).
 
     Returns, in order: ``static``; ``memory`` (a NeatModel with an active Titans memory); with ``adapt``:
-    ``adaptive`` for a ByteLM, ``gradient`` and ``memory + gradient`` for a memory model.
+    ``adaptive`` for a ByteLM, ``gradient`` and ``memory + gradient`` for a memory model; with ``cache``, then each
+    of those again as ``"<name> + cache"`` (its seconds include the pass it builds on and the counting).
     """
     if not data:
         raise ValueError("the input is empty (0 bytes)")
@@ -292,8 +297,31 @@ def score_bytes(model: nn.Module, data: bytes, settings: ScoreSettings = ScoreSe
             learner = copy.deepcopy(model) if gradient else model  # the weights of `model` never change
             nats = sequential_scores(ByteScorer(learner), ids, spans, settings, gradient, carry)
         seconds = time.perf_counter() - start
-        passes.append(Pass(name, float(nats.sum()) / len(data) / math.log(2), seconds, nats.cpu()))
+        nats = nats.cpu()
+        windows = torch.stack([part.sum() for part in torch.split(nats, [e - f for _, e, f in spans])])
+        passes.append(Pass(name, float(nats.sum()) / len(data) / math.log(2), seconds, nats, windows))
+    if cache:
+        passes += with_cache(passes, data, spans, settings.cache_orders)
     return passes
+
+
+def with_cache(passes: Sequence[Pass], data: bytes, spans: Sequence[tuple[int, int, int]],
+               orders: tuple[int, int]) -> list[Pass]:
+    """Each pass again with the byte-context cache over its per-byte probabilities (:func:`cache_nats`)."""
+    from neat_lightning.components.byte_cache import cache_nats, context_counts
+
+    start = time.perf_counter()
+    lo, hi = orders
+    counts = tuple(c[lo - 1 :] for c in context_counts(data, hi))
+    counting = time.perf_counter() - start
+    out = []
+    for p in passes:
+        start = time.perf_counter()
+        nats = cache_nats(p.byte_nats, counts)
+        windows = torch.stack([part.sum() for part in torch.split(nats, [e - f for _, e, f in spans])])
+        seconds = p.seconds + counting + time.perf_counter() - start
+        out.append(Pass(f"{p.name} + cache", float(nats.sum()) / len(data) / math.log(2), seconds, nats, windows))
+    return out
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -330,11 +358,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"new bytes scored per window (default: half the context, {d.stride})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help=f"windows per forward of the static pass (default {d.batch_size})")
+    parser.add_argument("--cache", action="store_true",
+                        help="also score every pass with an online byte-context cache over the model")
+    parser.add_argument("--cache-orders", type=int, nargs=2, default=d.cache_orders, metavar=("SHORTEST", "LONGEST"),
+                        help=f"context lengths in bytes the cache counts (default {d.cache_orders[0]} "
+                             f"{d.cache_orders[1]})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda if present)")
 
 
 def settings_from(args: argparse.Namespace) -> ScoreSettings:
-    return ScoreSettings(args.context, args.stride, args.lr, args.steps, args.batch_size)
+    return ScoreSettings(args.context, args.stride, args.lr, args.steps, args.batch_size, tuple(args.cache_orders))
 
 
 def device_from(name: str) -> torch.device:
@@ -346,21 +379,26 @@ def device_from(name: str) -> torch.device:
         raise ValueError(f"--device={name!r} is not a device ({err})") from None
 
 
-def describe_settings(settings: ScoreSettings, adapt: bool) -> str:
-    """``windows of 256, 128 new bytes each; adaptive: Adam lr 0.0003, 1 step(s) per window``."""
+def describe_settings(settings: ScoreSettings, adapt: bool, cache: bool = False) -> str:
+    """``windows of 256, 128 new bytes each; adaptive: Adam lr 0.0003, 1 step(s) per window; cache: orders 3-10``."""
     text = f"windows of {settings.context}, {settings.stride} new bytes each"
-    return text + (f"; adaptive: Adam lr {settings.lr:g}, {settings.steps} step(s) per window" if adapt else "")
+    text += f"; adaptive: Adam lr {settings.lr:g}, {settings.steps} step(s) per window" if adapt else ""
+    return text + (f"; cache: orders {settings.cache_orders[0]}-{settings.cache_orders[1]}" if cache else "")
 
 
 def results_dict(data: bytes, passes: list[Pass], compressors: dict[str, float], seconds: float) -> dict[str, Any]:
     """The ``--json`` object: ``bytes``, ``bpb``, ``bpb_adaptive`` (with --adapt), ``gzip9``, ``bz2_9``, ``xz9e``,
-    ``seconds``; ``bpb_memory`` / ``bpb_gradient`` for a Titans model, the input's ``sha256``, ``bytes_per_s`` per
-    pass."""
+    ``seconds``; ``bpb_memory`` / ``bpb_gradient`` for a Titans model; with --cache ``bpb_cache`` (static + cache)
+    and ``bpb_adaptive_cache``; the input's ``sha256``, ``bytes_per_s`` per pass."""
     by_name = {p.name: p for p in passes}
     out: dict[str, Any] = {"bytes": len(data), "bpb": by_name["static"].bpb}
     adaptive = by_name.get("memory + gradient") or by_name.get("adaptive")
     if adaptive is not None:
         out["bpb_adaptive"] = adaptive.bpb
+    if "static + cache" in by_name:
+        out["bpb_cache"] = by_name["static + cache"].bpb
+    if adaptive is not None and f"{adaptive.name} + cache" in by_name:
+        out["bpb_adaptive_cache"] = by_name[f"{adaptive.name} + cache"].bpb
     if "memory" in by_name:
         out["bpb_memory"] = by_name["memory"].bpb
     if "gradient" in by_name:
@@ -415,16 +453,16 @@ def main(argv: list[str]) -> int:
         print(f"checkpoint: {describe_checkpoint(args.ckpt)}")
         print(f"input: {describe_input(paths, data)}")
     start = time.perf_counter()
-    passes = score_bytes(model, data, settings, args.adapt, device)
+    passes = score_bytes(model, data, settings, args.adapt, device, args.cache)
     compressors = compression_bpb(data)
     seconds = time.perf_counter() - start
     result = results_dict(data, passes, compressors, seconds)
     if args.json:
         print(json.dumps(result | {"checkpoint": info, "input": [str(p) for p in paths],
-                                   "settings": asdict(settings) | {"adapt": args.adapt}}))
+                                   "settings": asdict(settings) | {"adapt": args.adapt, "cache": args.cache}}))
         return 0
     n_params = sum(p.numel() for p in model.parameters())
-    print_table(f"Bits per byte ({len(data):,} bytes; {describe_settings(settings, args.adapt)})",
+    print_table(f"Bits per byte ({len(data):,} bytes; {describe_settings(settings, args.adapt, args.cache)})",
                 f"{type(model).__name__} ({n_params:,} params)", data, passes, compressors)
     print(f"{seconds:.1f} s in all")
     return 0

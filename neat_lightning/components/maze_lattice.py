@@ -76,6 +76,9 @@ class MazeConfig:
     # how the connections (kept at the training size) reach another maze size: "tile" (edges anchored, the interior
     # repeated with period 2, the period of rooms and walls) or "trilinear" resampling
     resize: Resize = "tile"
+    # clamp the working channels to [-bound, bound] after every step (None: unbounded residual state); a bounded
+    # state can saturate into stable states instead of drifting over long runs
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.taps not in ("axial", "lattice"):
@@ -90,6 +93,8 @@ class MazeConfig:
             raise ValueError(f"noise={self.noise} must be >= 0")
         if self.resize not in ("tile", "trilinear"):
             raise ValueError(f"resize={self.resize!r} must be 'tile' or 'trilinear'")
+        if self.bound is not None and self.bound <= 0:
+            raise ValueError(f"bound={self.bound} must be > 0 or None")
 
 
 class AxialLatticeRule(LatticeRule):
@@ -153,6 +158,7 @@ def run_recall(
     fire_generator: torch.Generator | None = None,
     record_activity: bool = False,
     noise: float = 0.0,
+    bound: float | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Iterate the shared rule ``steps`` times on a maze lattice.
 
@@ -166,6 +172,7 @@ def run_recall(
             the noise; None takes the expected update without noise.
         record_activity: also return every step's batch-mean activity (no gradient), for plasticity.
         noise: std of Gaussian noise added to the working channels after every step (only with a generator).
+        bound: clamp the working channels to ``[-bound, bound]`` after every step (None: no clamp).
 
     Returns:
         ``(state, activity)``: (N, B, C) final state; a list of (D, H, W) activity fields (empty unless recorded).
@@ -184,6 +191,8 @@ def run_recall(
             shape = (*state.shape[:2], state.shape[2] - k)
             jitter = torch.randn(shape, generator=fire_generator).to(state.device) * noise
             state = torch.cat([state[..., :k], state[..., k:] + jitter], dim=-1)
+        if bound is not None:
+            state = torch.cat([state[..., :k], state[..., k:].clamp(-bound, bound)], dim=-1)
         if recall:
             state = torch.cat([inputs, state[..., k:]], dim=-1)
         if record_activity:

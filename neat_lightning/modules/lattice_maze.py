@@ -210,7 +210,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
             return self.net(maze)
         size = maze.shape[-1]
         state, _ = run_recall(self.rule, maze_channels(maze), self._operator(size), steps or self.val_steps,
-                              recall=self.maze_config.recall)
+                              recall=self.maze_config.recall, bound=self.maze_config.bound)
         return self._logits(state, size)
 
     def _bce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -234,7 +234,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         cfg, recipe = self.config, self.maze_config
         gen = self._step_generator()
         fire_gen = gen if cfg.fire_rate < 1.0 or recipe.noise > 0 else None
-        kw = dict(recall=recipe.recall, fire_generator=fire_gen, noise=recipe.noise)
+        kw = dict(recall=recipe.recall, fire_generator=fire_gen, noise=recipe.noise, bound=recipe.bound)
         longest = recipe.max_steps or cfg.steps
         inputs, op = maze_channels(maze), self._operator(size)
         alpha, loss, activity = recipe.progressive, 0.0, None

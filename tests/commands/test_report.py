@@ -88,19 +88,22 @@ def test_report_out_of_domain_static_and_adaptive(run, tmp_path, capsys):
     out = tmp_path / "report.json"
     before = run["ckpt"].read_bytes()
     code = main(["--config", str(run["config"]), "--ckpt", str(run["ckpt"]), "--samples", "1", "--sample-bytes", "4",
-                 "--ood", str(run["root"] / "ood_*.md"), "--adapt", "--context", "32", "--lr", "3e-3",
+                 "--ood", str(run["root"] / "ood_*.md"), "--adapt", "--cache", "--context", "32", "--lr", "3e-3",
                  "--json", str(out)])
     assert code == 0 and run["ckpt"].read_bytes() == before
     ood = json.loads(out.read_text())["ood"]
     data = OOD.encode()
     assert ood["bytes"] == len(data) and ood["files"] == [str(run["root"] / f"ood_{x}.md") for x in "ab"]
     assert (ood["gzip9"], ood["bz2_9"], ood["xz9e"]) == tuple(score_compression(data).values())
-    static, adaptive = score_bytes(load_scorer(run["ckpt"]), data, ScoreSettings(context=32, lr=3e-3), adapt=True)
+    static, adaptive, _, adaptive_c = score_bytes(load_scorer(run["ckpt"]), data, ScoreSettings(context=32, lr=3e-3),
+                                                  adapt=True, cache=True)
     assert ood["bpb"] == pytest.approx(static.bpb) and ood["bpb_adaptive"] == pytest.approx(adaptive.bpb)
+    assert ood["bpb_adaptive_cache"] == pytest.approx(adaptive_c.bpb)
     printed = " ".join(capsys.readouterr().out.split())
     assert f"Out-of-domain bits per byte ({len(data):,} bytes, 2 files:" in printed
     assert f"Out of domain, static: {static.bpb:.3f} bpb" in printed
     assert f"Out of domain, adaptive: {adaptive.bpb:.3f} bpb" in printed
+    assert f"Out of domain, adaptive + cache: {adaptive_c.bpb:.3f} bpb" in printed
 
 
 def test_report_errors_name_the_option(run, tmp_path, capsys):

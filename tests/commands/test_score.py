@@ -137,6 +137,33 @@ def test_json_keys_and_the_checkpoint_file_is_untouched(files, capsys):
     assert sha256(files["lm"]) == digest and files["lm"].stat().st_mtime_ns == mtime
 
 
+def test_the_cache_passes_build_on_each_pass_and_learn_repeats(files):
+    """``cache=True`` adds ``static + cache`` and ``adaptive + cache``: per byte the cache's mixture over the pass
+    it builds on (the first bytes, with nothing counted yet, keep their nats), cheaper on text that repeats."""
+    from neat_lightning.components.byte_cache import cache_nats, context_counts
+
+    model = load_scorer(files["lm"])
+    data = TEXT.encode()
+    settings = ScoreSettings(context=32, stride=16, lr=3e-3, cache_orders=(2, 5))
+    passes = score_bytes(model, data, settings, adapt=True, cache=True)
+    static, adaptive, static_c, adaptive_c = passes
+    assert [p.name for p in passes] == ["static", "adaptive", "static + cache", "adaptive + cache"]
+    counts = tuple(c[1:] for c in context_counts(data, 5))
+    assert torch.allclose(static_c.byte_nats, cache_nats(static.byte_nats, counts))
+    assert torch.allclose(static_c.byte_nats[:2], static.byte_nats[:2])
+    assert static_c.bpb < static.bpb and adaptive_c.bpb < adaptive.bpb  # TEXT repeats its line
+    assert static_c.window_nats.sum() == pytest.approx(float(static_c.byte_nats.sum()))
+    assert static_c.seconds >= static.seconds
+
+
+def test_json_has_the_cache_keys(files, capsys):
+    assert main(["--ckpt", str(files["lm"]), "--input", str(files["text"]), "--adapt", "--cache", "--json",
+                 "--context", "32", "--cache-orders", "2", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bpb_cache"] < result["bpb"] and result["bpb_adaptive_cache"] < result["bpb_adaptive"]
+    assert result["settings"]["cache"] is True and result["settings"]["cache_orders"] == [2, 6]
+
+
 def test_table_names_the_checkpoint(files, capsys):
     assert main(["--ckpt", str(files["lm"]), "--input", str(files["text"]), "--context", "32"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
