@@ -45,7 +45,8 @@ def test_build_rule_and_config_checks():
                       (dict(progressive=1.5), r"progressive=1.5 must be in \[0, 1\]"),
                       (dict(pos_weight=0.0), r"pos_weight=0.0 must be > 0"),
                       (dict(noise=-0.1), r"noise=-0.1 must be >= 0"),
-                      (dict(resize="nearest"), r"resize='nearest' must be 'tile' or 'trilinear'")):
+                      (dict(resize="nearest"), r"resize='nearest' must be 'tile' or 'trilinear'"),
+                      (dict(bound=0.0), r"bound=0.0 must be > 0 or None")):
         with pytest.raises(ValueError, match=match):
             MazeConfig(**kw)
 
@@ -154,3 +155,17 @@ def test_noise_needs_a_generator_and_changes_only_the_working_channels():
     again, _ = run_recall(rule, inputs, op, 3, noise=0.5, fire_generator=torch.Generator().manual_seed(1))
     assert torch.equal(noisy, again) and not torch.allclose(noisy, clean)
     assert torch.equal(noisy[..., :4], inputs)
+
+
+def test_bound_clamps_only_the_working_channels():
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=3, fire_rate=1.0)
+    torch.manual_seed(0)
+    rule = AxialLatticeRule(cfg)
+    with torch.no_grad():
+        rule.update[2].bias.fill_(5.0)  # every step pushes the working channels up by 5
+    inputs = maze_channels(maze_batch([make_maze(5, 0)])["maze"])
+    op = rule.connection_operator(torch.ones(1, 5, 5, 26))
+    free, _ = run_recall(rule, inputs, op, 3)
+    bounded, _ = run_recall(rule, inputs, op, 3, bound=1.0)
+    assert free[..., 4:].max() > 10 and bounded[..., 4:].abs().max() <= 1.0
+    assert torch.equal(bounded[..., :4], inputs)
