@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    hidden = matched_hidden(args) if "titans" in args.variants else None
+    hidden = matched_hidden(args) if "window_only" in args.variants else None  # the Titans model's parameter count
     data = ByteTextDataModule(builtin=args.corpus, block_size=args.block_size, batch_size=args.batch_size,
                               batches_per_epoch=args.steps, seed=args.seed)
     data.setup()

@@ -21,7 +21,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.generators.maze import Algorithm, check_size, draw_maze, held_out_mazes, maze_batch
+from neat_lightning.data.generators.maze import (
+    Algorithm,
+    check_size,
+    draw_maze,
+    draw_small_maze,
+    held_out_mazes,
+    maze_batch,
+)
 from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
 
 log = logging.getLogger(__name__)
@@ -31,15 +38,16 @@ class RandomMazeBatches(StepAlignedBatches):
     """``batch_size`` training mazes per batch; batch ``k`` on ``rank`` is a pure function of ``(seed, k, rank)``."""
 
     def __init__(self, size: int, batch_size: int, batches_per_epoch: int, seed: int, val_fraction: float,
-                 split_seed: int, algorithm: Algorithm) -> None:
+                 split_seed: int, algorithm: Algorithm, min_size: int | None = None) -> None:
         super().__init__(batches_per_epoch)
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.size, self.batch_size, self.seed, self.min_size = size, batch_size, seed, min_size
         self.val_fraction, self.split_seed, self.algorithm = val_fraction, split_seed, algorithm
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
+        args = (self.val_fraction, self.split_seed, self.algorithm)
         return maze_batch([
-            draw_maze(self.size, (self.seed, k, self.rank, i), False, self.val_fraction, self.split_seed,
-                      self.algorithm)
+            draw_maze(self.size, (self.seed, k, self.rank, i), False, *args) if self.min_size is None
+            else draw_small_maze(self.size, self.min_size, (self.seed, k, self.rank, i), *args)
             for i in range(self.batch_size)  # over the rows of one batch; each maze is ~0.2 ms at 9x9
         ])
 
@@ -59,6 +67,9 @@ class MazeDataModule(L.LightningDataModule):
 
     Args:
         size: training and validation maze side in cells (odd, >= 5: ``2·rooms + 1``).
+        min_size: None: every training maze is ``size × size``. Else each training maze has an odd side drawn from
+            ``[min_size, size]`` and sits at a random even offset in a ``size × size`` grid of walls, so the rule
+            meets mazes of several extents (validation stays at ``size``).
         batch_size: mazes per training batch.
         batches_per_epoch: training batches per epoch and rank.
         val_mazes: held-out mazes at ``size`` for validation.
@@ -86,9 +97,12 @@ class MazeDataModule(L.LightningDataModule):
         seed: int = 1234,
         eval_seed: int = 0,
         split_seed: int = 0,
+        min_size: int | None = None,
     ) -> None:
         super().__init__()
         check_size(size, "size")
+        if min_size is not None and check_size(min_size, "min_size") > size:
+            raise ValueError(f"min_size={min_size} must be <= size={size}")
         if test_size is not None:
             check_size(test_size, "test_size")
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
@@ -104,7 +118,7 @@ class MazeDataModule(L.LightningDataModule):
         self.val_mazes, self.val_batch_size = val_mazes, val_batch_size
         self.test_size, self.test_mazes = test_size or size, test_mazes
         self.val_fraction, self.algorithm = val_fraction, algorithm
-        self.seed, self.eval_seed, self.split_seed = seed, eval_seed, split_seed
+        self.seed, self.eval_seed, self.split_seed, self.min_size = seed, eval_seed, split_seed, min_size
         self._sets: dict[str, dict[str, torch.Tensor]] = {}
 
     def eval_set(self, size: int, n: int) -> dict[str, torch.Tensor]:
@@ -137,7 +151,7 @@ class MazeDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(RandomMazeBatches(self.size, self.batch_size, self.batches_per_epoch, self.seed,
-                                              self.val_fraction, self.split_seed, self.algorithm))
+                                              self.val_fraction, self.split_seed, self.algorithm, self.min_size))
 
     def val_dataloader(self) -> DataLoader:
         s = self.eval_set(self.size, self.val_mazes)

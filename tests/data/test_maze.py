@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neat_lightning.data.generators.maze import maze_split_unit, shortest_path_mask
+from neat_lightning.data.generators.maze import WALL, embed_maze, make_maze, maze_split_unit, shortest_path_mask
 from neat_lightning.data.maze import MazeDataModule
 
 
@@ -53,7 +53,30 @@ def test_validation_and_test_sets_are_held_out_fixed_and_checked():
     assert torch.equal(torch.cat([b["maze"] for b in again.val_dataloader()]), mazes)
 
 
+def test_smaller_training_mazes_sit_in_walls_with_their_own_path():
+    """``min_size``: training mazes of several odd sides, each walled into the training grid at an even offset, with
+    the BFS-checked path of the maze it holds; still a pure function of the step."""
+    dm = MazeDataModule(size=9, min_size=5, batch_size=16, batches_per_epoch=3)
+    ds = dm.train_dataloader().dataset
+    batches = list(ds)
+    extents = set()
+    for b in batches:
+        for m, t in zip(b["maze"], b["target"]):
+            mask, n = shortest_path_mask(m)
+            assert n == 1 and torch.equal(mask, t)
+            rows = (m != WALL).any(1).nonzero()
+            extents.add(int(rows.max() - rows.min()) + 3)  # rooms fill rows 1 .. side - 2 of the maze
+            assert int(rows.min()) % 2 == 1  # rooms at odd coordinates
+    assert {5, 7, 9} <= extents
+    ds.start_batch = 2
+    assert torch.equal(next(iter(ds))["maze"], batches[2]["maze"])
+    with pytest.raises(ValueError, match=r"offset=\(1, 0\) must be even"):
+        embed_maze(make_maze(5, 0), 9, (1, 0))
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(min_size=11), r"min_size=11 must be <= size=9"),
+    (dict(min_size=4), r"min_size=4 must be an odd number of cells >= 5"),
     (dict(size=8), r"size=8 must be an odd number of cells >= 5"),
     (dict(test_size=3), r"test_size=3 must be an odd number of cells >= 5"),
     (dict(batch_size=0), r"batch_size=0 must be >= 1"),

@@ -190,6 +190,32 @@ def draw_maze(size: int, key: Sequence[int], held_out: bool, val_fraction: float
                        f"(val_fraction={val_fraction})")
 
 
+def embed_maze(maze: Maze, size: int, offset: tuple[int, int]) -> Maze:
+    """``maze`` placed in a ``size × size`` grid of walls with its top-left cell at ``offset`` (both even, so rooms
+    stay at odd coordinates); the path mask is zero outside it. The walls around a maze are its border's walls
+    extended: the shortest path is unchanged."""
+    n = maze.size
+    (r, c) = offset
+    if r % 2 or c % 2 or not (0 <= r <= size - n and 0 <= c <= size - n):
+        raise ValueError(f"offset={offset} must be even and place the {n}x{n} maze inside {size}x{size}")
+    grid = torch.full((size, size), WALL, dtype=torch.long)
+    path = torch.zeros(size, size, dtype=torch.long)
+    grid[r : r + n, c : c + n], path[r : r + n, c : c + n] = maze.grid, maze.path
+    return Maze(grid, path, (maze.start[0] + r, maze.start[1] + c), (maze.goal[0] + r, maze.goal[1] + c))
+
+
+def draw_small_maze(size: int, min_size: int, key: Sequence[int], val_fraction: float, split_seed: int = 0,
+                    algorithm: Algorithm = "dfs") -> Maze:
+    """A training maze of an odd side drawn uniformly from ``[min_size, size]``, embedded at a random even offset in
+    a ``size × size`` grid of walls (:func:`embed_maze`); a pure function of ``key``. Its own content hash is on the
+    training side of the split (:func:`draw_maze`); as it leaves rooms of the grid walled off it is never one of
+    the perfect ``size × size`` mazes the evaluation sets hold."""
+    rng = random.Random(repr(("small", *key)))
+    n = rng.randrange(min_size, size + 1, 2)
+    maze = draw_maze(n, key, False, val_fraction, split_seed, algorithm)
+    return embed_maze(maze, size, (2 * rng.randrange((size - n) // 2 + 1), 2 * rng.randrange((size - n) // 2 + 1)))
+
+
 def maze_batch(mazes: Sequence[Maze]) -> dict[str, torch.Tensor]:
     """Mazes of one size -> ``{"maze": (B, S, S) int64, "target": (B, S, S) int64}``."""
     return {"maze": torch.stack([m.grid for m in mazes]), "target": torch.stack([m.path for m in mazes])}
