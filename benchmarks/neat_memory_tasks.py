@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-gaps", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="training gap range; default 0 .. max of --gaps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=2000, help="training steps (the cosine schedule's length)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (the cosine schedule's length)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock training budget per model")
     p.add_argument("--eval-samples", type=int, default=200, help="held-out tasks per gap (or depth) and seed")
     p.add_argument("--batch-size", type=int, default=16)
