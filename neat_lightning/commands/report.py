@@ -1,17 +1,17 @@
 """``neat report``: a ByteLM checkpoint's validation bpb next to gzip/bz2/xz on the very same bytes, the same on an
-out-of-domain text (static and adaptive), plus samples.
+out-of-domain text (static, adaptive, with the byte-context cache), plus samples.
 
     neat report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt
     neat report --config configs/byte_lm_quickstart.yaml --ckpt runs/quickstart/checkpoints/last.ckpt \
-        --ood 'docs/*.md' --adapt
+        --ood 'docs/*.md' --adapt --cache
 
 The first line names the checkpoint evaluated (path, global step, when it was written). The validation bytes come
 from the config's ``data:`` section (the same DataModule and split that training used); the model's bpb counts every
 predicted id of the validation stream (each document's bytes and its EOS), exactly as ``neat validate`` logs
 ``val/bpb``. ``--ood FILE...`` (files or globs, concatenated) adds a text from elsewhere, scored as ``neat score``
 scores it (one document, windows of ``--context`` ids sliding by ``--stride``), with ``--adapt`` also prequentially
-(each window scored, then learnt from; the checkpoint is never written). The compressors see the same bytes in one
-go at their strongest settings.
+(each window scored, then learnt from; the checkpoint is never written) and with ``--cache`` every pass again with
+the online byte-context cache. The compressors see the same bytes in one go at their strongest settings.
 """
 
 from __future__ import annotations
