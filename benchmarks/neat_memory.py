@@ -118,6 +118,7 @@ def recall_rows(args: argparse.Namespace, gap: int):
 def run_worker(args: argparse.Namespace, variant: str) -> dict:
     import lightning as L
     import torch
+    from neat_memory_tasks import progress_callback
 
     from neat_lightning.data.math import TASK_TYPES, MathDataModule
     from neat_lightning.modules.neat import NeatModel
@@ -142,22 +143,14 @@ def run_worker(args: argparse.Namespace, variant: str) -> dict:
             block_size=args.block_size, batch_size=args.batch_size, batches_per_epoch=args.steps, seed=args.seed,
             gap_warmup=args.gap_warmup,
         )
-        from lightning.pytorch.callbacks import Callback
-
-        class Progress(Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if trainer.global_step % 50 == 0:
-                    loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-                    print(f"{variant} step {trainer.global_step} loss {loss:.4f} "
-                          f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-
+        progress = progress_callback(variant)
         max_time = None if args.max_minutes is None else {"seconds": int(args.max_minutes * 60)}
         trainer = L.Trainer(
-            accelerator="cpu", max_steps=args.steps, max_time=max_time, callbacks=[Progress()], logger=False, enable_progress_bar=False,
+            accelerator="cpu", max_steps=args.steps, max_time=max_time, callbacks=[progress], logger=False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, gradient_clip_val=1.0,
             default_root_dir=str(runs),
         )
-        t0 = time.perf_counter()
+        t0 = progress.t0 = time.perf_counter()
         trainer.fit(model, data, ckpt_path=str(ckpt) if resume else None)
         train_s = time.perf_counter() - t0 + before.get("train_seconds", 0.0)
         trainer.save_checkpoint(ckpt)

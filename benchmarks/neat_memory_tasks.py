@@ -158,6 +158,25 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def progress_callback(prefix: str):
+    """A Lightning callback that prints ``<prefix> step <N> loss <train/loss> <seconds>s`` to stderr every 50 steps
+    (also used by ``neat_memory.py``); the seconds count from its ``t0``, ``time.perf_counter()`` when it is made
+    (a caller may set it later). Lightning is imported here, so ``--help`` stays fast."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step % 50 == 0:
+                loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+                print(f"{prefix} step {trainer.global_step} loss {loss:.4f} "
+                      f"{time.perf_counter() - self.t0:.0f}s", file=sys.stderr, flush=True)
+
+    return Progress()
+
+
 def run_worker(args: argparse.Namespace, spec: str, k: int, seed: int) -> dict:
     import lightning as L
     import torch
@@ -178,21 +197,12 @@ def run_worker(args: argparse.Namespace, spec: str, k: int, seed: int) -> dict:
         gap_warmup=run.get("gap_warmup", args.gap_warmup),
         facts_warmup=run.get("facts_warmup", args.facts_warmup) if args.task == "mqar" else 0,
     )
-    from lightning.pytorch.callbacks import Callback
-
-    t0 = time.perf_counter()
-
-    class Progress(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step % 50 == 0:
-                loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-                print(f"{spec} k={k} seed={seed} step {trainer.global_step} loss {loss:.4f} "
-                      f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-
+    progress = progress_callback(f"{spec} k={k} seed={seed}")
+    t0 = progress.t0
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=steps,
         max_time=None if args.max_minutes is None else {"seconds": int(args.max_minutes * 60)},
-        callbacks=[Progress()], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[progress], logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, limit_val_batches=0, gradient_clip_val=1.0, default_root_dir=args.runs_dir,
     )
     trainer.fit(model, data)

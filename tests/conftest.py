@@ -1,11 +1,14 @@
-"""Shared fixtures: tiny configs, a subprocess runner for the `neat` CLI, and quiet process-wide settings."""
+"""Shared fixtures: tiny configs, a subprocess runner for the `neat` CLI, the mid-run resume check of the lattice
+modules, and quiet process-wide settings."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +32,29 @@ def neat(*args: str, cwd: Path | str, timeout: float = 300, check: bool = True, 
         raise AssertionError(f"neat {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
 
+
+
+def assert_lattice_resume_is_exact(tmp_path: Path, run: Callable[[Path, Any, str | None], Any],
+                                   at: int = 2) -> tuple[Any, Any, Path]:
+    """Train a lattice module uninterrupted, then again resumed from its step-``at`` checkpoint, and assert the two
+    end identical: every state-dict entry (the first differing one is named), the plasticity profile and the sparsity.
+
+    ``run(root, checkpoint, ckpt_path)`` seeds, builds and fits a fresh module under ``root`` with ``checkpoint`` (a
+    ModelCheckpoint every ``at`` steps) among its callbacks, from ``ckpt_path`` when given, and returns the module.
+    Returns ``(full, resumed, path of the step-at checkpoint)`` for the caller's own checks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root: str, ckpt: str | None = None):
+        every = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=at, save_top_k=-1)
+        return run(tmp_path / root, every, ckpt)
+
+    full = fit("full")
+    mid = next(p for p in (tmp_path / "full").glob("*.ckpt") if f"step={at}" in p.name)
+    resumed = fit("resumed", str(mid))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.profile == full.profile and resumed.sparsity == full.sparsity
+    return full, resumed, mid
 
 TINY_BYTE_LM = """\
 run_name: tiny

@@ -44,6 +44,7 @@ from neat_lightning.data.loading import (
     ShardedSequentialBatches,
     StepAlignedBatches,
     batch_generator,
+    check_positive,
     resolve_paths,
 )
 
@@ -293,12 +294,7 @@ class ByteTextDataModule(L.LightningDataModule):
         builtin: Builtin = "pydoc_topics",
     ) -> None:
         super().__init__()
-        if block_size < 1:
-            raise ValueError(f"block_size={block_size} must be >= 1")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if batches_per_epoch < 1:
-            raise ValueError(f"batches_per_epoch={batches_per_epoch} must be >= 1")
+        check_positive(block_size=block_size, batch_size=batch_size, batches_per_epoch=batches_per_epoch)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         if num_workers < 0:

@@ -21,7 +21,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset
 
 from neat_lightning.data.generators.grids import FAMILIES, Family, cell_px, sample_images, seed_from
-from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
+from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, check_positive
 
 IMAGES_EXTRA_HINT = "pip install 'neat-lightning[images]'"
 
@@ -161,16 +161,12 @@ class ImageDataModule(L.LightningDataModule):
         for f in families:
             if f not in FAMILIES:
                 raise ValueError(f"families: {f!r} is not one of {list(FAMILIES)}")
-        if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be >= 1")
+        check_positive(image_size=image_size)
         if image_folder is None:
             cell_px(image_size, grid_size)
             if grid_size < 5:
                 raise ValueError(f"grid_size={grid_size} must be >= 5")
-        for name, v in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                        ("val_images", val_images)):
-            if v < 1:
-                raise ValueError(f"{name}={v} must be >= 1")
+        check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch, val_images=val_images)
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         if val_folder is not None and image_folder is None:

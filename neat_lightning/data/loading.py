@@ -3,8 +3,9 @@
 Batch ``k`` of a stream is a pure function of ``(seed, k, rank)`` (:func:`batch_generator`), and a
 :class:`PlacedLoader` tells its dataset the rank and the first batch (derived from the trainer's global step) each
 time an iterator is made, so a run resumed mid-epoch continues with exactly the batches it would have seen.
-:class:`SwitchLoader` hands one epoch over from one loader to another at a batch index, and :func:`resolve_paths`
-expands the files and globs a DataModule is given. Plain torch: no Lightning here.
+:class:`SwitchLoader` hands one epoch over from one loader to another at a batch index, :func:`resolve_paths`
+expands the files and globs a DataModule is given, and :func:`check_positive` checks its count arguments. Plain torch:
+no Lightning here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def resolve_paths(patterns: str | os.PathLike | Sequence[str], field: str) -> li
                 raise IsADirectoryError(f"{field}: {pattern!r} is a directory; give files or a glob like '{p}/*.txt'")
             paths.append(p)
     return paths
+
+
+def check_positive(**values: int) -> None:
+    """Refuse the first of ``values`` (argument name -> value, checked in the order given) that is below 1, e.g.
+    ``check_positive(batch_size=batch_size)`` raises ``ValueError("batch_size=0 must be >= 1")``."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
 
 
 class PlacedLoader(DataLoader):

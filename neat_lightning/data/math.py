@@ -30,7 +30,7 @@ from neat_lightning.data.generators.math import (
     memory_overhead,
     rng_for,
 )
-from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches
+from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, check_positive
 
 
 def check_curriculum(gap_warmup: int, facts_warmup: int, n_facts: int | None) -> None:
@@ -166,8 +166,7 @@ class MathDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_curriculum(gap_warmup, facts_warmup, n_facts)
-        if queries < 1:
-            raise ValueError(f"queries={queries} must be >= 1")
+        check_positive(queries=queries)
         if not 0.0 <= depth_range[0] <= depth_range[1] <= 1.0:
             raise ValueError(f"depth_range={tuple(depth_range)} must satisfy 0 <= min <= max <= 1")
         if not tasks:
@@ -181,10 +180,8 @@ class MathDataModule(L.LightningDataModule):
         lo, hi = gap_range
         if not 0 <= lo <= hi:
             raise ValueError(f"gap_range={tuple(gap_range)} must satisfy 0 <= min <= max")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("batches_per_epoch", batches_per_epoch), ("val_batches", val_batches)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        check_positive(block_size=block_size, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                       val_batches=val_batches)
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         math_need = max((MATH_MAX_IDS[t] for t in tasks if t in MATH_TASKS), default=0)

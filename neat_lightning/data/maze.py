@@ -29,7 +29,7 @@ from neat_lightning.data.generators.maze import (
     held_out_mazes,
     maze_batch,
 )
-from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
+from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,8 @@ class MazeDataModule(L.LightningDataModule):
             raise ValueError(f"min_size={min_size} must be <= size={size}")
         if test_size is not None:
             check_size(test_size, "test_size")
-        for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                            ("val_mazes", val_mazes), ("val_batch_size", val_batch_size), ("test_mazes", test_mazes)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        check_positive(batch_size=batch_size, batches_per_epoch=batches_per_epoch, val_mazes=val_mazes,
+                       val_batch_size=val_batch_size, test_mazes=test_mazes)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         if algorithm not in ("dfs", "kruskal"):

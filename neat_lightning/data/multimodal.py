@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, VisualVocab, encode
 from neat_lightning.data.generators.grids import FAMILIES, Family, generate_episode, render, seed_from
-from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches
+from neat_lightning.data.loading import PlacedLoader, ShardedSequentialBatches, StepAlignedBatches, check_positive
 from neat_lightning.protocols import ImageTokenizer
 
 TOKENIZER_HINT = (
@@ -216,10 +216,8 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"grid_size={grid_size} must be >= 5")
         if image_size % grid_size:
             raise ValueError(f"image_size={image_size} must be a multiple of grid_size={grid_size}")
-        for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("batches_per_epoch", batches_per_epoch), ("val_rows", val_rows)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        check_positive(block_size=block_size, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                       val_rows=val_rows)
         if max_steps_per_row is not None and max_steps_per_row < 1:
             raise ValueError(f"max_steps_per_row={max_steps_per_row} must be >= 1 or None")
         if num_workers < 0:

@@ -29,7 +29,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from neat_lightning.data.loading import PlacedLoader, StepAlignedBatches, batch_generator, resolve_paths
+from neat_lightning.data.loading import (
+    PlacedLoader,
+    StepAlignedBatches,
+    batch_generator,
+    check_positive,
+    resolve_paths,
+)
 from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, encode
 
 log = logging.getLogger(__name__)
@@ -229,12 +235,9 @@ class QADataModule(L.LightningDataModule):
                 raise ValueError(f"kinds contains {kind!r}; allowed: 'arithmetic', 'facts'")
         if not kinds and not tsv_files:
             raise ValueError("kinds=[] and no tsv_files: there would be no question/answer pairs")
-        for name, value in (("max_operand", max_operand), ("max_factor", max_factor),
-                            ("max_question_bytes", max_question_bytes), ("max_answer_bytes", max_answer_bytes),
-                            ("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                            ("val_batch_size", val_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        check_positive(max_operand=max_operand, max_factor=max_factor, max_question_bytes=max_question_bytes,
+                       max_answer_bytes=max_answer_bytes, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                       val_batch_size=val_batch_size)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         if max_val_pairs is not None and max_val_pairs < 1:

@@ -22,7 +22,7 @@ from neat_lightning.data.bytes import (
     stream_from_documents,
 )
 from neat_lightning.data.generators.scenes import Scene, SceneProblem, load_scenes, render_scene
-from neat_lightning.data.loading import SwitchLoader
+from neat_lightning.data.loading import SwitchLoader, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ class SceneDataModule(L.LightningDataModule):
         replay: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size),
-                            ("batches_per_epoch", batches_per_epoch)):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+        check_positive(block_size=block_size, batch_size=batch_size, batches_per_epoch=batches_per_epoch)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
         if val_source not in ("scenes", "pretrain"):

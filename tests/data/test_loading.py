@@ -17,6 +17,7 @@ from neat_lightning.data.loading import (
     StepAlignedBatches,
     SwitchLoader,
     batch_generator,
+    check_positive,
     resolve_paths,
 )
 
@@ -182,3 +183,15 @@ def test_resolve_paths_expands_files_and_globs_and_names_the_field(tmp_path: Pat
         resolve_paths([str(tmp_path / "*.csv")], "val_files")
     with pytest.raises(IsADirectoryError, match=r"scene_files: '.*' is a directory; give files or a glob"):
         resolve_paths([str(tmp_path)], "scene_files")
+
+
+# -- check_positive ----------------------------------------------------------------------------------------------------
+
+
+def test_check_positive_refuses_the_first_value_below_one_by_name():
+    check_positive()
+    check_positive(batch_size=1, block_size=256)
+    with pytest.raises(ValueError, match=r"^batch_size=0 must be >= 1$"):
+        check_positive(block_size=8, batch_size=0, batches_per_epoch=-3)
+    with pytest.raises(ValueError, match=r"^val_rows=-2 must be >= 1$"):
+        check_positive(val_rows=-2, block_size=0)

@@ -3,7 +3,6 @@ import dataclasses
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from neat_lightning.callbacks.plasticity_stages import PlasticityStages, Stage
 from neat_lightning.callbacks.progressive_scaling import ProgressiveScaling, SizeStage
@@ -16,6 +15,7 @@ from neat_lightning.data.qa import QADataModule
 from neat_lightning.modules.base import FORMAT_KEY
 from neat_lightning.modules.lattice import FLAT_FIELDS, GROUPS, LatticeNetwork, LatticeOptimConfig
 from neat_lightning.protocols import Growable, Plastic, StagedLattice, TextGenerator
+from tests.conftest import assert_lattice_resume_is_exact
 
 TINY = dict(
     lattice=LatticeConfig(depth=3, height=4, width=6, channels=4, hidden=8, steps=3, fire_rate=0.5),
@@ -138,21 +138,14 @@ def test_resume_is_exact(tmp_path, use_lattice):
     buffers (connections, pruning mask, cluster ids, traces) and profile. The stage table switches profile,
     clustering and pruning on both sides of the checkpoint."""
 
-    def run(root, ckpt=None):
+    def run(root, checkpoint, ckpt):
         L.seed_everything(7)
         m = LatticeNetwork(**tiny(use_lattice=use_lattice, clustering={"enabled": True, "coordination": 0.1}))
         stages = [Stage(0, "discovery"), Stage(2, "learning", clustering=True), Stage(3, "freeze", True, 0.5)]
-        every = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=2, save_top_k=-1)
-        t = trainer(tmp_path / root, 4, callbacks=[PlasticityStages(stages), every])
-        t.fit(m, tiny_data(), ckpt_path=ckpt)
+        trainer(root, 4, callbacks=[PlasticityStages(stages), checkpoint]).fit(m, tiny_data(), ckpt_path=ckpt)
         return m
 
-    full = run("full")
-    mid = next(p for p in (tmp_path / "full").glob("*.ckpt") if "step=2" in p.name)
-    resumed = run("resumed", ckpt=str(mid))
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed.profile == full.profile and resumed.sparsity == full.sparsity
+    assert_lattice_resume_is_exact(tmp_path, run)
 
 
 def test_transport_lattice_answers_depend_on_the_question_at_init():

@@ -8,7 +8,6 @@ import dataclasses
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from neat_lightning.callbacks.plasticity_stages import PlasticityStages, Stage
 from neat_lightning.components.lattice import LatticeConfig
@@ -18,6 +17,7 @@ from neat_lightning.data.maze import MazeDataModule
 from neat_lightning.modules.lattice import LatticeOptimConfig
 from neat_lightning.modules.lattice_maze import LatticeMazeSolver, path_scores
 from neat_lightning.protocols import Plastic, Releasable, StagedLattice
+from tests.conftest import assert_lattice_resume_is_exact
 
 TINY = dict(
     lattice=LatticeConfig(depth=1, height=7, width=7, channels=6, hidden=8, steps=4, fire_rate=1.0),
@@ -119,23 +119,18 @@ def test_resume_mid_epoch_is_exact(tmp_path):
     buffers, with stochastic firing, random run lengths, progressive loss, plasticity with emergence feedback and a
     stage table that switches profile, threshold and (emergence-aware) pruning on both sides of the checkpoint."""
 
-    def run(root, ckpt=None):
+    def run(root, checkpoint, ckpt):
         L.seed_everything(3)
         m = LatticeMazeSolver(**tiny(lattice=dataclasses.replace(TINY["lattice"], fire_rate=0.5),
                                      plasticity={"emergence_feedback": True, "emergence_pruning": 0.5,
                                                  "emergence_window": 3}))
         stages = [Stage(0, "discovery"), Stage(1, "balanced", activity_threshold=0.05),
                   Stage(3, "learning", False, 0.3)]
-        every = ModelCheckpoint(dirpath=tmp_path / root, every_n_train_steps=2, save_top_k=-1)
-        trainer(tmp_path / root, 4, callbacks=[PlasticityStages(stages), every]).fit(m, data(), ckpt_path=ckpt)
+        trainer(root, 4, callbacks=[PlasticityStages(stages), checkpoint]).fit(m, data(), ckpt_path=ckpt)
         return m
 
-    full = run("full")
-    mid = next(p for p in (tmp_path / "full").glob("*.ckpt") if "step=2" in p.name)
-    resumed = run("resumed", ckpt=str(mid))
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert resumed.profile == full.profile and resumed.sparsity == full.sparsity > 0
+    full, _, mid = assert_lattice_resume_is_exact(tmp_path, run)
+    assert full.sparsity > 0
     restored = LatticeMazeSolver.load_from_checkpoint(mid)
     assert restored.profile.name == "balanced" and restored.profile.activity_threshold == 0.05
     maze = data().eval_set(7, 8)["maze"]
