@@ -2,13 +2,14 @@
 
 Both variants are the same NeatModel (sliding-window attention of ``--window`` bytes, ``--block-size`` training
 windows); one has the Titans memory in its last block, the other a wider MLP so both hold the same number of
-parameters (within 1 %). Each trains ``--max-minutes`` (or ``--steps``) on the built-in corpus ``stdlib_docs``
-(``ByteTextDataModule(builtin=...)``). Then every held-out document of at least ``--min-doc`` bytes is read from its
+parameters (within 1 %). Each trains ``--steps`` steps (the same for both, so neither gets more updates;
+``--max-minutes`` caps the wall time instead) on the built-in corpus ``stdlib_docs``
+(``ByteTextDataModule(builtin=...)``), on ``--block-size`` windows through which the memory state is carried. Then every held-out document of at least ``--min-doc`` bytes is read from its
 first byte in consecutive segments of ``--block-size`` bytes, the memory state carried from segment to segment (as
 ``NeatModel`` streams: attention restarts at each segment, the memory does not), up to ``--max-doc`` bytes; the
 next-byte loss is binned by position (``--bin`` bytes per bin) and averaged over the documents reaching each bin.
 
-    OMP_NUM_THREADS=1 python benchmarks/neat_memory_position.py --max-minutes 6
+    OMP_NUM_THREADS=1 python benchmarks/neat_memory_position.py            # 1000 steps each, ~20 + 13 CPU-minutes
     python benchmarks/neat_memory_position.py --steps 3 --max-doc 2048   # smoke run
 
 Writes ``benchmarks/results/neat_memory_position.json`` (bpb per bin and variant, documents and bytes per bin,
@@ -36,10 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--corpus", default="stdlib_docs")
-    p.add_argument("--steps", type=int, default=5000, help="training steps (the cosine schedule's length)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (the cosine schedule's length)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock training budget per variant")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=2048, help="training window; the memory is carried within it")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
