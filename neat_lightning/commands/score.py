@@ -298,8 +298,7 @@ def score_bytes(model: nn.Module, data: bytes, settings: ScoreSettings = ScoreSe
             nats = sequential_scores(ByteScorer(learner), ids, spans, settings, gradient, carry)
         seconds = time.perf_counter() - start
         nats = nats.cpu()
-        windows = torch.stack([part.sum() for part in torch.split(nats, [e - f for _, e, f in spans])])
-        passes.append(Pass(name, float(nats.sum()) / len(data) / math.log(2), seconds, nats, windows))
+        passes.append(Pass(name, bits_per_byte(nats), seconds, nats, window_sums(nats, spans)))
     if cache:
         passes += with_cache(passes, data, spans, settings.cache_orders)
     return passes
@@ -318,10 +317,19 @@ def with_cache(passes: Sequence[Pass], data: bytes, spans: Sequence[tuple[int, i
     for p in passes:
         start = time.perf_counter()
         nats = cache_nats(p.byte_nats, counts)
-        windows = torch.stack([part.sum() for part in torch.split(nats, [e - f for _, e, f in spans])])
         seconds = p.seconds + counting + time.perf_counter() - start
-        out.append(Pass(f"{p.name} + cache", float(nats.sum()) / len(data) / math.log(2), seconds, nats, windows))
+        out.append(Pass(f"{p.name} + cache", bits_per_byte(nats), seconds, nats, window_sums(nats, spans)))
     return out
+
+
+def bits_per_byte(byte_nats: torch.Tensor) -> float:
+    """(n_bytes,) nats -> mean bits per byte."""
+    return float(byte_nats.sum()) / len(byte_nats) / math.log(2)
+
+
+def window_sums(byte_nats: torch.Tensor, spans: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """(n_bytes,) nats -> (n_windows,) the nats each window of ``spans`` scored (the scored ranges tile the bytes)."""
+    return torch.stack([part.sum() for part in torch.split(byte_nats, [e - f for _, e, f in spans])])
 
 
 # -- the command ---------------------------------------------------------------------------------------------------

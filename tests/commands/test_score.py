@@ -201,6 +201,8 @@ def test_titans_memory_and_gradient_side_by_side(files, capsys):
     (["--input", "{text}", "--steps", "0"], r"^neat score: --steps=0 must be >= 1$"),
     (["--input", "{text}", "--lr", "-1"], r"^neat score: --lr=-1.0 must be a finite number > 0$"),
     (["--input", "{text}", "--max-bytes", "0"], r"^neat score: --max-bytes=0 must be >= 1$"),
+    (["--input", "{text}", "--cache", "--cache-orders", "6", "3"],
+     r"^neat score: --cache-orders=6 3 must satisfy 1 <= shortest <= longest$"),
     (["--input", "{text}", "--ckpt", "{not_a_scorer}"],
      (r"^neat score: --ckpt: checkpoint '.*vqvae.ckpt' holds a VQVAE, which does not predict bytes; neat score "
       r"takes a ByteLM or NeatModel checkpoint$")),
