@@ -79,6 +79,9 @@ class MazeConfig:
     # clamp the working channels to [-bound, bound] after every step (None: unbounded residual state); a bounded
     # state can saturate into stable states instead of drifting over long runs
     bound: float | None = None
+    # weight of a fixed-point loss: the mean squared change of the working channels over one more step after the
+    # full run (0: none); a solution the rule keeps unchanged is one more steps cannot destroy
+    fixed_point: float = 0.0
 
     def __post_init__(self) -> None:
         if self.taps not in ("axial", "lattice"):
@@ -95,6 +98,8 @@ class MazeConfig:
             raise ValueError(f"resize={self.resize!r} must be 'tile' or 'trilinear'")
         if self.bound is not None and self.bound <= 0:
             raise ValueError(f"bound={self.bound} must be > 0 or None")
+        if self.fixed_point < 0:
+            raise ValueError(f"fixed_point={self.fixed_point} must be >= 0")
 
 
 class AxialLatticeRule(LatticeRule):

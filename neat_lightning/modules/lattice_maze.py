@@ -41,6 +41,7 @@ from neat_lightning.components.clustering import ClusteringConfig
 from neat_lightning.components.lattice import LatticeConfig
 from neat_lightning.components.lattice_state import LatticeState, resample_cells
 from neat_lightning.components.maze_lattice import (
+    N_CLASSES,
     FixedDepthConvNet,
     MazeConfig,
     build_rule,
@@ -243,6 +244,11 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
             state, activity = run_recall(self.rule, inputs, op, n_full, record_activity=True, **kw)
             loss = loss + (1.0 - alpha) * self._bce(self._logits(state, size), target)
             self.log("train/steps", float(n_full))
+            if recipe.fixed_point > 0:  # one more step should leave the working channels where they are
+                after, _ = run_recall(self.rule, inputs, op, 1, state=state, **{**kw, "noise": 0.0})
+                drift = (after[..., N_CLASSES:] - state[..., N_CLASSES:]).pow(2).mean()
+                loss = loss + recipe.fixed_point * drift
+                self.log("train/fixed_point_drift", drift)
         if alpha > 0.0:  # progressive: n steps without gradient, then k with (Bansal et al. 2022, Alg. 1)
             n = int(torch.randint(0, longest, (1,), generator=gen))
             k = int(torch.randint(1, longest - n + 1, (1,), generator=gen))

@@ -46,7 +46,8 @@ def test_build_rule_and_config_checks():
                       (dict(pos_weight=0.0), r"pos_weight=0.0 must be > 0"),
                       (dict(noise=-0.1), r"noise=-0.1 must be >= 0"),
                       (dict(resize="nearest"), r"resize='nearest' must be 'tile' or 'trilinear'"),
-                      (dict(bound=0.0), r"bound=0.0 must be > 0 or None")):
+                      (dict(bound=0.0), r"bound=0.0 must be > 0 or None"),
+                      (dict(fixed_point=-1.0), r"fixed_point=-1.0 must be >= 0")):
         with pytest.raises(ValueError, match=match):
             MazeConfig(**kw)
 

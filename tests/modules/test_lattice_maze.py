@@ -65,6 +65,21 @@ def test_trains_logs_and_tests_larger_mazes_with_more_steps(tmp_path):
     assert logits.shape == (8, 7, 7) and m.rule.config.size == (1, 7, 7)
 
 
+def test_the_fixed_point_loss_penalises_the_change_of_one_more_step(tmp_path):
+    """``maze.fixed_point``: the training loss adds the weighted mean squared change of the working channels over
+    one more (noise-free) step after the full run, and logs it."""
+    losses = {}
+    for weight in (0.0, 2.0):
+        L.seed_everything(0)
+        m = LatticeMazeSolver(**tiny(maze=MazeConfig(max_steps=6, fixed_point=weight, progressive=0.0)))
+        batch = next(iter(data().train_dataloader()))
+        m.log = lambda name, value, **kw: losses.setdefault((weight, name), float(value))
+        losses[weight] = float(m.training_step(batch, 0))
+    drift = losses[(2.0, "train/fixed_point_drift")]
+    assert drift > 0 and (0.0, "train/fixed_point_drift") not in losses
+    assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * drift, rel=1e-5)
+
+
 def test_path_scores():
     target = torch.tensor([[[0, 1], [1, 0]], [[1, 1], [0, 0]]])
     logits = torch.tensor([[[-1.0, 2.0], [3.0, -4.0]], [[1.0, -1.0], [-1.0, -1.0]]])
