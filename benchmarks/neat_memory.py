@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -288,21 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
-    pending = list(args.variants)
-    running: list[tuple[str, subprocess.Popen]] = []
-    results: dict[str, dict] = {}
-    while pending or running:
-        while pending and len(running) < max(1, args.jobs):
-            v = pending.pop(0)
-            cmd = [sys.executable, __file__, *argv, "--worker", v]
-            log = open(Path(args.runs_dir) / f"{v}.log", "w")
-            running.append((v, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)))
-        v, proc = running.pop(0)
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            print(f"variant {v} failed; see {Path(args.runs_dir) / f'{v}.log'}", file=sys.stderr)
-            return 1
-        results[v] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    from neat_memory_tasks import WorkerFailed, run_workers
+
+    def log_path(variant: str) -> Path:
+        return Path(args.runs_dir) / f"{variant}.log"
+
+    try:
+        results = dict(run_workers(args.variants, lambda v: [sys.executable, __file__, *argv, "--worker", v],
+                                   log_path, env, args.jobs))
+    except WorkerFailed as err:
+        print(f"variant {err.job} failed; see {log_path(err.job)}", file=sys.stderr)
+        return 1
 
     gaps = [str(g) for g in args.gaps]
     header = f"{'variant':<8} " + " ".join(f"gap {g:>4}" for g in gaps) + "  train s  steps  train tok/s  infer tok/s  RSS MB"

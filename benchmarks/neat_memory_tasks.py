@@ -272,6 +272,32 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
               f"{r['accuracy']:>8.3f}  {seeds:<24} {r['steps']:>6} {r['cpu_s']:>7.0f} {r['peak_rss_mb']:>7.0f}")
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process exited non-zero; ``job`` names it."""
+
+    def __init__(self, job) -> None:
+        super().__init__(f"worker {job} failed")
+        self.job = job
+
+
+def run_workers(jobs: list, command, log_path, env: dict[str, str], parallel: int):
+    """Run one worker process per job, ``parallel`` at a time, in order; yield ``(job, result)`` as each finishes, its
+    result the JSON after ``RESULT `` on its stdout. ``command(job)`` is the argv, ``log_path(job)`` the file that gets
+    its stderr. A worker exiting non-zero raises :class:`WorkerFailed`."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            job = pending.pop(0)
+            log = open(log_path(job), "w")
+            proc = subprocess.Popen(command(job), stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            running.append((job, proc))
+        job, proc = running.pop(0)
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise WorkerFailed(job)
+        yield job, json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -282,24 +308,25 @@ def main(argv: list[str]) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
     ks = args.k if args.task == "mqar" else [1]
-    pending = [(v, k, s) for v in args.variants for k in ks for s in args.seeds]
-    running: list[tuple[tuple, subprocess.Popen]] = []
+    jobs = [(v, k, s) for v in args.variants for k in ks for s in args.seeds]
+    script = str(REPO / "benchmarks" / "neat_memory.py")
     runs: list[dict] = []
-    while pending or running:
-        while pending and len(running) < max(1, args.jobs):
-            job = pending.pop(0)
-            name = re.sub(r"[^\w=.-]+", "_", f"{job[0]}_k{job[1]}_s{job[2]}")
-            cmd = [sys.executable, str(REPO / "benchmarks" / "neat_memory.py"), *argv, "--worker", "|".join(map(str, job))]
-            log = open(runs_dir / f"{args.task}_{name}.log", "w")
-            running.append((job, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)))
-        job, proc = running.pop(0)
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            print(f"{job} failed; see the logs in {runs_dir}", file=sys.stderr)
-            return 1
-        runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-        print(f"done {job}: {runs[-1]['accuracy']} in {runs[-1]['steps']} steps, {runs[-1]['cpu_s']} CPU s",
-              file=sys.stderr, flush=True)
+
+    def command(job: tuple) -> list[str]:
+        return [sys.executable, script, *argv, "--worker", "|".join(map(str, job))]
+
+    def log_path(job: tuple) -> Path:
+        name = re.sub(r"[^\w=.-]+", "_", f"{job[0]}_k{job[1]}_s{job[2]}")
+        return runs_dir / f"{args.task}_{name}.log"
+
+    try:
+        for job, result in run_workers(jobs, command, log_path, env, args.jobs):
+            runs.append(result)
+            print(f"done {job}: {result['accuracy']} in {result['steps']} steps, {result['cpu_s']} CPU s",
+                  file=sys.stderr, flush=True)
+    except WorkerFailed as err:
+        print(f"{err.job} failed; see the logs in {runs_dir}", file=sys.stderr)
+        return 1
     rows = collect_rows(args, runs)
     print_table(args, rows)
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out", "runs_dir", "jobs")}
