@@ -311,7 +311,7 @@ def with_cache(passes: Sequence[Pass], data: bytes, spans: Sequence[tuple[int, i
 
     start = time.perf_counter()
     lo, hi = orders
-    counts = tuple(c[lo - 1 :] for c in context_counts(data, hi))
+    counts = context_counts(data, hi, lo)
     counting = time.perf_counter() - start
     out = []
     for p in passes:

@@ -30,25 +30,27 @@ import torch
 ESCAPES: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # the escape weights cache_nats mixes
 
 
-def context_counts(data: bytes, max_order: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the cache knew before each byte of ``data``, per context order.
+def context_counts(data: bytes, max_order: int, min_order: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the cache knew before each byte of ``data``, per context order ``min_order .. max_order``.
 
     Args:
         data: the text, read left to right.
-        max_order: the longest context, in bytes (>= 1).
+        max_order: the longest context, in bytes.
+        min_order: the shortest context, in bytes (``1 <= min_order <= max_order``).
 
     Returns:
-        ``(hits, seen, distinct)``, each (o, n) float64 with ``o = max_order``: for byte ``t`` and order ``o + 1``,
-        how often byte ``t`` followed the ``o + 1`` bytes before it earlier in the text, how often those bytes
-        occurred (followed by anything), and how many distinct bytes followed them. Zero where ``t <= o``.
+        ``(hits, seen, distinct)``, each (o, n) float64 with ``o = max_order - min_order + 1``: for byte ``t`` and
+        order ``r = min_order + i`` (row ``i``), how often byte ``t`` followed the ``r`` bytes before it earlier in
+        the text, how often those bytes occurred (followed by anything), and how many distinct bytes followed them.
+        Zero where ``t < r``.
     """
-    if max_order < 1:
-        raise ValueError(f"max_order={max_order} must be >= 1")
+    if not 1 <= min_order <= max_order:
+        raise ValueError(f"min_order={min_order}, max_order={max_order} must satisfy 1 <= min_order <= max_order")
     n = len(data)
-    hits = torch.zeros(max_order, n, dtype=torch.float64)
-    seen = torch.zeros(max_order, n, dtype=torch.float64)
-    distinct = torch.zeros(max_order, n, dtype=torch.float64)
-    for order in range(1, max_order + 1):  # over orders; each is one pass of dictionary lookups
+    hits = torch.zeros(max_order - min_order + 1, n, dtype=torch.float64)
+    seen = torch.zeros_like(hits)
+    distinct = torch.zeros_like(hits)
+    for row, order in enumerate(range(min_order, max_order + 1)):  # over orders; each one pass of dict lookups
         pair: dict[bytes, int] = {}
         ctx_total: dict[bytes, int] = {}
         ctx_distinct: dict[bytes, int] = {}
@@ -62,8 +64,7 @@ def context_counts(data: bytes, max_order: int) -> tuple[torch.Tensor, torch.Ten
                 ctx_distinct[ctx] = d[t] + 1
             pair[key] = c + 1
             ctx_total[ctx] = s[t] + 1
-        hits[order - 1], seen[order - 1], distinct[order - 1] = (torch.tensor(v, dtype=torch.float64)
-                                                                 for v in (h, s, d))
+        hits[row], seen[row], distinct[row] = (torch.tensor(v, dtype=torch.float64) for v in (h, s, d))
     return hits, seen, distinct
 
 
@@ -115,7 +116,7 @@ def cache_nats(
 
     Args:
         model_nats: (n,) the model's nats per byte.
-        counts: :func:`context_counts` of the same bytes (slice its order axis for other orders).
+        counts: :func:`context_counts` of the same bytes.
         escapes: the escape weights of the cache experts.
 
     Returns:

@@ -16,6 +16,8 @@ def test_counts_are_what_came_before_each_byte():
     assert distinct[0].tolist() == [0, 0, 0, 1]
     # order 2: context 'ab' before byte 2 is new; 'ba' before byte 3 is new
     assert seen[1].tolist() == [0, 0, 0, 0]
+    upper = context_counts(b"abab", max_order=2, min_order=2)  # only the order-2 row
+    assert all(torch.equal(u, c[1:]) for u, c in zip(upper, (hits, seen, distinct)))
 
 
 def test_the_cache_is_a_distribution_over_the_next_byte():
@@ -51,6 +53,8 @@ def test_repeated_text_costs_less_the_second_time():
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="max_order=0"):
         context_counts(TEXT, 0)
+    with pytest.raises(ValueError, match=r"min_order=4, max_order=3 must satisfy"):
+        context_counts(TEXT, 3, 4)
     with pytest.raises(ValueError, match="escape=0"):
         cached_nats(torch.zeros(len(TEXT)), context_counts(TEXT, 2), escape=0)
     with pytest.raises(ValueError, match="different bytes"):
