@@ -145,7 +145,6 @@ def sweep_steps(module, data, factor: int, n_mazes: int, marks: list[int]) -> li
     cell, and how many predictions changed since the previous count (the label-free halting signal)."""
     import torch
 
-    from neat_lightning.components.maze_lattice import maze_channels, run_recall
     from neat_lightning.modules.lattice_maze import path_scores
 
     size = 2 * factor * (module.config.height // 2) + 1
@@ -153,10 +152,8 @@ def sweep_steps(module, data, factor: int, n_mazes: int, marks: list[int]) -> li
     target, rows, state, done, prev = mazes["target"], [], None, 0, None
     module.eval()
     with torch.no_grad():
-        inputs, op = maze_channels(mazes["maze"]), module._operator(size)
         for mark in marks:  # over step counts: the run continues from the last count
-            state, _ = run_recall(module.rule, inputs, op, mark - done, state=state, recall=module.maze_config.recall,
-                                  bound=module.maze_config.bound)
+            state = module.run(mazes["maze"], mark - done, state=state)
             done = mark
             exact, pred = path_scores(module._logits(state, size), target)
             rows.append({

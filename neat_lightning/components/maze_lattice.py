@@ -52,6 +52,7 @@ from neat_lightning.components.lattice import (
 from neat_lightning.components.lattice_stencils import ShiftOperator, SparseOperator
 
 N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MAZE_CLASSES)
+WALL = 1  # the wall class's channel
 Taps = Literal["axial", "lattice"]
 Resize = Literal["tile", "trilinear"]
 
@@ -82,6 +83,9 @@ class MazeConfig:
     # weight of a fixed-point loss: the mean squared change of the working channels over one more step after the
     # full run (0: none); a solution the rule keeps unchanged is one more steps cannot destroy
     fixed_point: float = 0.0
+    # zero the working channels of wall cells after every step: walls are dead cells of the medium (as the alive mask
+    # of a growing NCA), so state travels only through free cells and never across a wall
+    mask_walls: bool = False
 
     def __post_init__(self) -> None:
         if self.taps not in ("axial", "lattice"):
@@ -164,6 +168,7 @@ def run_recall(
     record_activity: bool = False,
     noise: float = 0.0,
     bound: float | None = None,
+    mask_walls: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Iterate the shared rule ``steps`` times on a maze lattice.
 
@@ -178,6 +183,7 @@ def run_recall(
         record_activity: also return every step's batch-mean activity (no gradient), for plasticity.
         noise: std of Gaussian noise added to the working channels after every step (only with a generator).
         bound: clamp the working channels to ``[-bound, bound]`` after every step (None: no clamp).
+        mask_walls: zero the working channels of wall cells after every step.
 
     Returns:
         ``(state, activity)``: (N, B, C) final state; a list of (D, H, W) activity fields (empty unless recorded).
@@ -185,6 +191,7 @@ def run_recall(
     cfg = rule.config
     state = initial_state(inputs, cfg.channels) if state is None else state
     k = inputs.shape[-1]
+    medium = 1.0 - inputs[..., WALL : WALL + 1] if mask_walls else None  # (N, B, 1): 0 on walls
     history = []
     for _ in range(steps):  # over time steps; each is vectorised over all cells
         fire = None
@@ -198,6 +205,8 @@ def run_recall(
             state = torch.cat([state[..., :k], state[..., k:] + jitter], dim=-1)
         if bound is not None:
             state = torch.cat([state[..., :k], state[..., k:].clamp(-bound, bound)], dim=-1)
+        if medium is not None:
+            state = torch.cat([state[..., :k], state[..., k:] * medium], dim=-1)
         if recall:
             state = torch.cat([inputs, state[..., k:]], dim=-1)
         if record_activity:

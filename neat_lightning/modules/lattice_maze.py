@@ -209,10 +209,15 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         baseline ignores it). Expected updates, no sampling."""
         if not self.hparams.use_lattice:
             return self.net(maze)
-        size = maze.shape[-1]
-        state, _ = run_recall(self.rule, maze_channels(maze), self._operator(size), steps or self.val_steps,
-                              recall=self.maze_config.recall, bound=self.maze_config.bound)
-        return self._logits(state, size)
+        return self._logits(self.run(maze, steps or self.val_steps), maze.shape[-1])
+
+    def run(self, maze: torch.Tensor, steps: int, state: torch.Tensor | None = None) -> torch.Tensor:
+        """Iterate the rule on mazes (B, S, S) int64 for ``steps`` steps with this model's recall, bound and wall mask
+        (expected updates, no noise), from ``state`` (S·S, B, C) or the initial state -> the (S·S, B, C) state."""
+        cfg = self.maze_config
+        state, _ = run_recall(self.rule, maze_channels(maze), self._operator(maze.shape[-1]), steps, state=state,
+                              recall=cfg.recall, bound=cfg.bound, mask_walls=cfg.mask_walls)
+        return state
 
     def _bce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = torch.as_tensor(self.maze_config.pos_weight, device=logits.device)
@@ -235,7 +240,8 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         cfg, recipe = self.config, self.maze_config
         gen = self._step_generator()
         fire_gen = gen if cfg.fire_rate < 1.0 or recipe.noise > 0 else None
-        kw = dict(recall=recipe.recall, fire_generator=fire_gen, noise=recipe.noise, bound=recipe.bound)
+        kw = dict(recall=recipe.recall, fire_generator=fire_gen, noise=recipe.noise, bound=recipe.bound,
+                  mask_walls=recipe.mask_walls)
         longest = recipe.max_steps or cfg.steps
         inputs, op = maze_channels(maze), self._operator(size)
         alpha, loss, activity = recipe.progressive, 0.0, None

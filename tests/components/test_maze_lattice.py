@@ -170,3 +170,21 @@ def test_bound_clamps_only_the_working_channels():
     bounded, _ = run_recall(rule, inputs, op, 3, bound=1.0)
     assert free[..., 4:].max() > 10 and bounded[..., 4:].abs().max() <= 1.0
     assert torch.equal(bounded[..., :4], inputs)
+
+
+def test_masked_walls_carry_no_working_state():
+    """``mask_walls``: after every step the working channels of wall cells are zero, so state moves only through
+    free cells; the maze channels are untouched and without the mask walls do carry state."""
+    cfg = LatticeConfig(depth=1, height=9, width=9, channels=6, hidden=8, steps=4, fire_rate=1.0)
+    torch.manual_seed(0)
+    rule = AxialLatticeRule(cfg)
+    maze = maze_batch([make_maze(9, 0), make_maze(9, 1)])["maze"]
+    inputs = maze_channels(maze)
+    op = rule.connection_operator(torch.ones(1, 9, 9, 26))
+    wall = rearrange(maze == WALL, "b h w -> (h w) b")
+    free, _ = run_recall(rule, inputs, op, 4)
+    masked, _ = run_recall(rule, inputs, op, 4, mask_walls=True)
+    assert free[wall][:, 4:].abs().sum() > 0
+    assert torch.equal(masked[wall][:, 4:], torch.zeros_like(masked[wall][:, 4:]))
+    assert masked[~wall][:, 4:].abs().sum() > 0 and not torch.allclose(masked[~wall], free[~wall])
+    assert torch.equal(masked[..., :4], inputs)
