@@ -52,7 +52,7 @@ from neat_lightning.components.lattice import (
 from neat_lightning.components.lattice_stencils import ShiftOperator, SparseOperator
 
 N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MAZE_CLASSES)
-WALL = 1  # the wall class's channel
+WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
 Taps = Literal["axial", "lattice"]
 Resize = Literal["tile", "trilinear"]
 
