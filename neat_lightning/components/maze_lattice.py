@@ -86,6 +86,9 @@ class MazeConfig:
     # zero the working channels of wall cells after every step: walls are dead cells of the medium (as the alive mask
     # of a growing NCA), so state travels only through free cells and never across a wall
     mask_walls: bool = False
+    # share of each training batch that is trained on: the mazes the current rule scores worst after a noise-free
+    # run of max_steps (1.0: every maze); the batch the data module yields is the pool they are picked from
+    hard_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.taps not in ("axial", "lattice"):
@@ -104,6 +107,8 @@ class MazeConfig:
             raise ValueError(f"bound={self.bound} must be > 0 or None")
         if self.fixed_point < 0:
             raise ValueError(f"fixed_point={self.fixed_point} must be >= 0")
+        if not 0.0 < self.hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction={self.hard_fraction} must be in (0, 1]")
 
 
 class AxialLatticeRule(LatticeRule):

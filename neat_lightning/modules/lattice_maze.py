@@ -219,6 +219,17 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
                               recall=cfg.recall, bound=cfg.bound, mask_walls=cfg.mask_walls)
         return state
 
+    @torch.no_grad()
+    def _hardest(self, maze: torch.Tensor, target: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``hard_fraction`` of mazes (B, S, S) with the highest per-maze loss after ``steps`` noise-free steps
+        (the fixed-depth baseline: its one pass), hardest first."""
+        logits = self(maze, steps)
+        weight = torch.as_tensor(self.maze_config.pos_weight, device=logits.device)
+        per_maze = F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight, reduction="none")
+        k = max(1, round(self.maze_config.hard_fraction * len(maze)))
+        idx = per_maze.flatten(1).mean(1).topk(k).indices
+        return maze[idx], target[idx]
+
     def _bce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = torch.as_tensor(self.maze_config.pos_weight, device=logits.device)
         return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight)
@@ -232,6 +243,8 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         maze, target = batch["maze"], batch["target"]
+        if self.maze_config.hard_fraction < 1.0:
+            maze, target = self._hardest(maze, target, self.maze_config.max_steps or self.config.steps)
         if not self.hparams.use_lattice:
             loss = self._bce(self.net(maze), target)
             self.log("train/loss", loss, prog_bar=True)

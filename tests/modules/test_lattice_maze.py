@@ -80,6 +80,27 @@ def test_the_fixed_point_loss_penalises_the_change_of_one_more_step(tmp_path):
     assert losses[2.0] == pytest.approx(losses[0.0] + 2.0 * drift, rel=1e-5)
 
 
+def test_hard_fraction_trains_on_the_mazes_the_rule_scores_worst():
+    """``maze.hard_fraction``: the step trains on the mazes with the highest per-maze loss after a noise-free run of
+    ``max_steps``, exactly as a step on those mazes alone would."""
+    L.seed_everything(0)
+    hard = LatticeMazeSolver(**tiny(maze=MazeConfig(max_steps=6, hard_fraction=0.5)))
+    full = LatticeMazeSolver(**tiny(maze=MazeConfig(max_steps=6)))
+    full.load_state_dict(hard.state_dict())
+    batch = next(iter(data().train_dataloader()))
+    with torch.no_grad():
+        logits = hard(batch["maze"], steps=6)
+    per_maze = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, batch["target"].float(), reduction="none").mean((1, 2))
+    worst = per_maze.argsort(descending=True)[:2]
+    assert per_maze[worst].min() > per_maze.min()  # the pick is not the whole batch's spread
+    for m in (hard, full):
+        m.log = lambda *a, **kw: None
+    loss_hard = hard.training_step(batch, 0)
+    loss_full = full.training_step({k: v[worst] for k, v in batch.items()}, 0)
+    assert float(loss_hard.detach()) == pytest.approx(float(loss_full.detach()), rel=1e-6)
+
+
 def test_path_scores():
     target = torch.tensor([[[0, 1], [1, 0]], [[1, 1], [0, 0]]])
     logits = torch.tensor([[[-1.0, 2.0], [3.0, -4.0]], [[1.0, -1.0], [-1.0, -1.0]]])
@@ -163,6 +184,7 @@ def test_profile_type_error_and_bad_arguments():
         (dict(lattice={"height": 8, "width": 8}), r"lattice.height=8, lattice.width=8 must be equal, odd and >= 5"),
         (dict(maze={"max_steps": 3}), r"maze.max_steps=3 must be >= lattice.steps=4"),
         (dict(test_steps=0), r"test_steps=0 must be >= 1 or None"),
+        (dict(maze={"hard_fraction": 0.0}), r"hard_fraction=0.0 must be in \(0, 1\]"),
         (dict(baseline_width=0), r"baseline_width=0 must be >= 1 or None"),
         (dict(optim={"rule_lr_scale": 0.5}), r"optim.rule_lr_scale=0.5 must be 1"),
     ]
