@@ -219,20 +219,23 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
                               recall=cfg.recall, bound=cfg.bound, mask_walls=cfg.mask_walls)
         return state
 
+    @property
+    def _longest(self) -> int:
+        """The longest training run: ``maze.max_steps``, or ``lattice.steps`` without one."""
+        return self.maze_config.max_steps or self.config.steps
+
     @torch.no_grad()
-    def _hardest(self, maze: torch.Tensor, target: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``hard_fraction`` of mazes (B, S, S) with the highest per-maze loss after ``steps`` noise-free steps
-        (the fixed-depth baseline: its one pass), hardest first."""
-        logits = self(maze, steps)
-        weight = torch.as_tensor(self.maze_config.pos_weight, device=logits.device)
-        per_maze = F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight, reduction="none")
+    def _hardest(self, maze: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``hard_fraction`` of mazes (B, S, S) with the highest per-maze loss after the longest training run,
+        noise-free (the fixed-depth baseline: its one pass), hardest first."""
+        per_maze = self._bce(self(maze, self._longest), target, reduction="none").flatten(1).mean(1)
         k = max(1, round(self.maze_config.hard_fraction * len(maze)))
-        idx = per_maze.flatten(1).mean(1).topk(k).indices
+        idx = per_maze.topk(k).indices
         return maze[idx], target[idx]
 
-    def _bce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _bce(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         weight = torch.as_tensor(self.maze_config.pos_weight, device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight)
+        return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight, reduction=reduction)
 
     def _check_size(self, maze: torch.Tensor) -> int:
         size = maze.shape[-1]
@@ -244,7 +247,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         maze, target = batch["maze"], batch["target"]
         if self.maze_config.hard_fraction < 1.0:
-            maze, target = self._hardest(maze, target, self.maze_config.max_steps or self.config.steps)
+            maze, target = self._hardest(maze, target)
         if not self.hparams.use_lattice:
             loss = self._bce(self.net(maze), target)
             self.log("train/loss", loss, prog_bar=True)
@@ -255,7 +258,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         fire_gen = gen if cfg.fire_rate < 1.0 or recipe.noise > 0 else None
         kw = dict(recall=recipe.recall, fire_generator=fire_gen, noise=recipe.noise, bound=recipe.bound,
                   mask_walls=recipe.mask_walls)
-        longest = recipe.max_steps or cfg.steps
+        longest = self._longest
         inputs, op = maze_channels(maze), self._operator(size)
         alpha, loss, activity = recipe.progressive, 0.0, None
         if alpha < 1.0:  # the full run, of a random length in [steps, max_steps]
