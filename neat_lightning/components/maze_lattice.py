@@ -53,7 +53,7 @@ from neat_lightning.components.lattice_stencils import ShiftOperator, SparseOper
 
 N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MAZE_CLASSES)
 WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
-Taps = Literal["axial", "lattice"]
+Taps = Literal["axial", "isotropic", "lattice"]
 Resize = Literal["tile", "trilinear"]
 
 
@@ -61,7 +61,9 @@ Resize = Literal["tile", "trilinear"]
 class MazeConfig:
     """How the lattice is trained and run on mazes (the deep-thinking recipe; see the module docstring)."""
 
-    # "axial": the rule perceives its 4 in-plane neighbours unblurred; "lattice": LatticeConfig.perception's stencils
+    # "axial": the rule perceives its 4 in-plane neighbours unblurred; "isotropic": their mean, max, min and mean
+    # magnitude (the same in any order, so the rule is the same under the maze's rotations and reflections);
+    # "lattice": LatticeConfig.perception's stencils
     taps: Taps = "axial"
     recall: bool = True  # re-impose the maze channels after every step
     # training runs draw their length from [lattice.steps, max_steps] (None: always lattice.steps)
@@ -91,8 +93,8 @@ class MazeConfig:
     hard_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.taps not in ("axial", "lattice"):
-            raise ValueError(f"taps={self.taps!r} must be 'axial' or 'lattice'")
+        if self.taps not in ("axial", "isotropic", "lattice"):
+            raise ValueError(f"taps={self.taps!r} must be 'axial', 'isotropic' or 'lattice'")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
         if not 0.0 <= self.progressive <= 1.0:
@@ -125,6 +127,18 @@ class AxialLatticeRule(LatticeRule):
         return rearrange(taps, "d h w b jc -> (d h w) b jc")
 
 
+class IsotropicLatticeRule(AxialLatticeRule):
+    """An :class:`AxialLatticeRule` that perceives symmetric functions of its four in-plane neighbours, per channel:
+    their mean, max, min and mean magnitude. Any order of the neighbours gives the same perception, so the rule
+    commutes with the maze's rotations and reflections, as the task does (dead-end filling counts live neighbours;
+    it does not ask where they are). Same MLP width and parameter count as the axial rule."""
+
+    def kernels(self, state: torch.Tensor) -> torch.Tensor:
+        """state (N, B, C) -> (N, B, 4·C): per channel, the mean, max, min and mean magnitude of the 4 neighbours."""
+        taps = rearrange(super().kernels(state), "n b (j c) -> j n b c", j=4)
+        return torch.cat([taps.mean(0), taps.amax(0), taps.amin(0), taps.abs().mean(0)], dim=-1)
+
+
 def tile_index(n: int, target: int) -> torch.Tensor:
     """Source index along one axis for :func:`tile_cells`: (target,) int64 into ``range(n)``. The first
     ``n // 2`` and last ``n // 2`` positions map to the source's edges; the middle repeats the source's two centre
@@ -149,7 +163,8 @@ def build_rule(lattice: LatticeConfig, taps: Taps) -> LatticeRule:
     if lattice.channels <= N_CLASSES:
         raise ValueError(f"lattice.channels={lattice.channels} must be > {N_CLASSES}: the first {N_CLASSES} channels "
                          "hold the maze, the others are the lattice's working state")
-    return AxialLatticeRule(lattice) if taps == "axial" else LatticeRule(lattice)
+    rules = {"axial": AxialLatticeRule, "isotropic": IsotropicLatticeRule, "lattice": LatticeRule}
+    return rules[taps](lattice)
 
 
 def maze_channels(maze: torch.Tensor) -> torch.Tensor:

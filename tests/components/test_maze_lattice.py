@@ -1,4 +1,4 @@
-"""The maze lattice: axial taps, recall, a hand-set rule that solves mazes of any size, the fixed-depth baseline."""
+"""The maze lattice: axial and isotropic taps, recall, a hand-set rule that solves mazes of any size, the fixed-depth baseline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from neat_lightning.components.lattice import LatticeConfig, LatticeRule
 from neat_lightning.components.maze_lattice import (
     AxialLatticeRule,
     FixedDepthConvNet,
+    IsotropicLatticeRule,
     MazeConfig,
     build_rule,
     initial_state,
@@ -34,13 +35,36 @@ def test_axial_taps_are_the_four_unblurred_neighbours():
     assert sum(p.numel() for p in rule.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
+def test_isotropic_taps_are_symmetric_functions_of_the_neighbours_and_commute_with_rotations():
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=3, hidden=8, steps=1)
+    rule = IsotropicLatticeRule(cfg)
+    torch.manual_seed(0)
+    x = torch.randn(25, 2, 3)
+    taps = rearrange(rule.kernels(x), "(h w) b (j c) -> j h w b c", h=5, c=3)
+    grid = rearrange(x, "(h w) b c -> h w b c", h=5)
+    nb = torch.stack([grid[1, 2], grid[3, 2], grid[2, 1], grid[2, 3]])  # the 4 neighbours of the centre cell
+    assert torch.allclose(taps[:, 2, 2], torch.stack([nb.mean(0), nb.amax(0), nb.amin(0), nb.abs().mean(0)]))
+    assert torch.allclose(taps[0, 0, 0], (grid[1, 0] + grid[0, 1]) / 4)  # outside the lattice counts as zero
+    op = rule.connection_operator(torch.ones(1, 5, 5, 26))
+    out = rearrange(rule(x, op), "(h w) b c -> h w b c", h=5)
+    for turn in (lambda g: torch.rot90(g, 1, (0, 1)), lambda g: g.flip(0), lambda g: g.transpose(0, 1)):
+        moved = rearrange(turn(grid), "h w b c -> (h w) b c")
+        assert torch.allclose(rearrange(rule(moved, op), "(h w) b c -> h w b c", h=5), turn(out), atol=1e-6)
+    axial = AxialLatticeRule(cfg)
+    moved = rearrange(torch.rot90(grid, 1, (0, 1)), "h w b c -> (h w) b c")  # the check can fail: axial taps
+    assert not torch.allclose(rearrange(axial(moved, op), "(h w) b c -> h w b c", h=5),
+                              torch.rot90(rearrange(axial(x, op), "(h w) b c -> h w b c", h=5), 1, (0, 1)))
+    assert sum(p.numel() for p in rule.parameters()) == sum(p.numel() for p in axial.parameters())
+
+
 def test_build_rule_and_config_checks():
     cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=4)
     assert isinstance(build_rule(cfg, "axial"), AxialLatticeRule)
     assert type(build_rule(cfg, "lattice")) is LatticeRule
+    assert isinstance(build_rule(cfg, "isotropic"), IsotropicLatticeRule)
     with pytest.raises(ValueError, match=r"lattice.channels=4 must be > 4"):
         build_rule(LatticeConfig(depth=1, height=5, width=5, channels=4, hidden=8, steps=4), "axial")
-    for kw, match in ((dict(taps="sobel"), r"taps='sobel' must be 'axial' or 'lattice'"),
+    for kw, match in ((dict(taps="sobel"), r"taps='sobel' must be 'axial', 'isotropic' or 'lattice'"),
                       (dict(max_steps=0), r"max_steps=0 must be >= 1 or None"),
                       (dict(progressive=1.5), r"progressive=1.5 must be in \[0, 1\]"),
                       (dict(pos_weight=0.0), r"pos_weight=0.0 must be > 0"),
@@ -52,21 +76,22 @@ def test_build_rule_and_config_checks():
             MazeConfig(**kw)
 
 
-def dead_end_filling_rule(size: int) -> tuple[AxialLatticeRule, torch.nn.Linear]:
+def dead_end_filling_rule(size: int, taps: str = "axial") -> tuple[AxialLatticeRule, torch.nn.Linear]:
     """Hand-set weights: channel 4 marks dead cells; a cell dies when it is a wall, already dead, or (not start or
     goal) has >= 3 dead neighbours: ``d' = step(10·(wall + d) + Σ d_nb − 2.5 − 10·(start + goal))``, written with
-    GELU units as a clipped ramp (``GELU(m·x)/m ≈ relu(x)`` for m = 20), and ``Δd = d' − d``."""
+    GELU units as a clipped ramp (``GELU(m·x)/m ≈ relu(x)`` for m = 20), and ``Δd = d' − d``. With axial taps
+    ``Σ d_nb`` adds the four neighbour taps; with isotropic taps it is 4 × the first (the mean)."""
     C, m = 5, 20.0
-    rule = AxialLatticeRule(LatticeConfig(depth=1, height=size, width=size, channels=C, hidden=4, steps=1,
-                                          fire_rate=1.0))
+    rule = build_rule(LatticeConfig(depth=1, height=size, width=size, channels=C, hidden=4, steps=1,
+                                    fire_rate=1.0), taps)
     lin1, lin2 = rule.update[0], rule.update[2]
     with torch.no_grad():
         for p in rule.parameters():
             p.zero_()
         z = torch.zeros(6 * C)  # perception: state, message, up, down, left, right (C each)
         z[1], z[4], z[2], z[3] = 10.0, 10.0, -10.0, -10.0  # wall, dead, start, goal
-        for j in range(4):
-            z[(2 + j) * C + 4] = 1.0  # the dead channel of each neighbour
+        for j in range(4) if taps == "axial" else range(1):  # the dead channel of each neighbour, or their mean
+            z[(2 + j) * C + 4] = 1.0 if taps == "axial" else 4.0
         lin1.weight[0], lin1.bias[0] = m * 2 * z, m * (2 * -2.5 + 0.5)
         lin1.weight[1], lin1.bias[1] = m * 2 * z, m * (2 * -2.5 - 0.5)
         lin1.weight[2, 4], lin1.weight[3, 4] = m, -m
@@ -78,13 +103,14 @@ def dead_end_filling_rule(size: int) -> tuple[AxialLatticeRule, torch.nn.Linear]
     return rule, readout
 
 
+@pytest.mark.parametrize("taps", ["axial", "isotropic"])
 @pytest.mark.parametrize("size", [9, 17, 33])
-def test_a_hand_set_rule_solves_mazes_of_any_size_and_stays_solved(size):
-    """The lattice step with axial taps and recall can express dead-end filling exactly: the same weights solve
-    9x9, 17x17 and 33x33 mazes, and extra steps change nothing (a fixed point)."""
+def test_a_hand_set_rule_solves_mazes_of_any_size_and_stays_solved(size, taps):
+    """The lattice step with axial or isotropic taps and recall can express dead-end filling exactly: the same
+    weights solve 9x9, 17x17 and 33x33 mazes, and extra steps change nothing (a fixed point)."""
     mazes = [make_maze(size, s) for s in range(6)]
     batch = maze_batch(mazes)
-    rule, readout = dead_end_filling_rule(size)
+    rule, readout = dead_end_filling_rule(size, taps)
     conn = torch.ones(1, size, size, 26)
     inputs = maze_channels(batch["maze"])
     state, _ = run_recall(rule, inputs, rule.connection_operator(conn), 2 * size * size // 4)
