@@ -26,7 +26,8 @@ arXiv 2202.05826):
 ``taps="axial"`` (:class:`AxialLatticeRule`) replaces the four fixed per-channel stencils (3D Sobel ∂d/∂h/∂w and the
 Laplacian) by the four in-plane neighbours taken unblurred (up, down, left, right), as ``depth_taps`` does for the
 depth neighbours: the Sobel and Laplacian stencils mix diagonal cells, which in a maze lie across walls. The MLP's
-input width and the parameter count are the same either way.
+input width and the parameter count are the same either way. ``taps="isotropic"`` (:class:`IsotropicLatticeRule`)
+perceives symmetric functions of those four neighbours instead, so the rule does not depend on their order.
 
 Axis legend: ``b`` batch, ``c`` cell channels, ``k`` maze classes (4), ``n`` cells (``d·h·w``), ``d h w`` lattice
 depth/height/width.
@@ -129,9 +130,10 @@ class AxialLatticeRule(LatticeRule):
 
 class IsotropicLatticeRule(AxialLatticeRule):
     """An :class:`AxialLatticeRule` that perceives symmetric functions of its four in-plane neighbours, per channel:
-    their mean, max, min and mean magnitude. Any order of the neighbours gives the same perception, so the rule
-    commutes with the maze's rotations and reflections, as the task does (dead-end filling counts live neighbours;
-    it does not ask where they are). Same MLP width and parameter count as the axial rule."""
+    their mean, max, min and mean magnitude. Any order of the neighbours gives the same perception, so with a
+    uniform connection field the rule commutes with the maze's rotations and reflections, as the task does
+    (dead-end filling counts live neighbours; it does not ask where they are). Same MLP width and parameter count
+    as the axial rule."""
 
     def kernels(self, state: torch.Tensor) -> torch.Tensor:
         """state (N, B, C) -> (N, B, 4·C): per channel, the mean, max, min and mean magnitude of the 4 neighbours."""
