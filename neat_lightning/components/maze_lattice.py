@@ -27,7 +27,9 @@ arXiv 2202.05826):
 Laplacian) by the four in-plane neighbours taken unblurred (up, down, left, right), as ``depth_taps`` does for the
 depth neighbours: the Sobel and Laplacian stencils mix diagonal cells, which in a maze lie across walls. The MLP's
 input width and the parameter count are the same either way. ``taps="isotropic"`` (:class:`IsotropicLatticeRule`)
-perceives symmetric functions of those four neighbours instead, so the rule does not depend on their order.
+perceives symmetric functions of those four neighbours instead, so the rule does not depend on their order;
+``taps="d4"`` (:class:`D4LatticeRule`) averages the axial rule over the 8 orders that the square's rotations and
+reflections give them.
 
 Axis legend: ``b`` batch, ``c`` cell channels, ``k`` maze classes (4), ``n`` cells (``d·h·w``), ``d h w`` lattice
 depth/height/width.
@@ -54,7 +56,7 @@ from neat_lightning.components.lattice_stencils import ShiftOperator, SparseOper
 
 N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MAZE_CLASSES)
 WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
-Taps = Literal["axial", "isotropic", "lattice"]
+Taps = Literal["axial", "isotropic", "d4", "lattice"]
 Resize = Literal["tile", "trilinear"]
 
 
@@ -64,7 +66,8 @@ class MazeConfig:
 
     # "axial": the rule perceives its 4 in-plane neighbours unblurred; "isotropic": their mean, max, min and mean
     # magnitude (the same in any order, so the rule is the same under the maze's rotations and reflections);
-    # "lattice": LatticeConfig.perception's stencils
+    # "d4": the axial rule averaged over the 8 rotations and reflections of its neighbours (equivariant, and each
+    # neighbour's channels still seen together); "lattice": LatticeConfig.perception's stencils
     taps: Taps = "axial"
     recall: bool = True  # re-impose the maze channels after every step
     # training runs draw their length from [lattice.steps, max_steps] (None: always lattice.steps)
@@ -94,8 +97,8 @@ class MazeConfig:
     hard_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.taps not in ("axial", "isotropic", "lattice"):
-            raise ValueError(f"taps={self.taps!r} must be 'axial', 'isotropic' or 'lattice'")
+        if self.taps not in ("axial", "isotropic", "d4", "lattice"):
+            raise ValueError(f"taps={self.taps!r} must be 'axial', 'isotropic', 'd4' or 'lattice'")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
         if not 0.0 <= self.progressive <= 1.0:
@@ -141,6 +144,42 @@ class IsotropicLatticeRule(AxialLatticeRule):
         return torch.cat([taps.mean(0), taps.amax(0), taps.amin(0), taps.abs().mean(0)], dim=-1)
 
 
+def d4_permutations() -> torch.Tensor:
+    """(8, 4) int64: the order of the taps (up, down, left, right) seen from each of the 8 symmetries of the square.
+    Every symmetry maps opposite neighbours to opposite neighbours: a flip swaps up/down or left/right, the
+    transpose swaps the two pairs."""
+    perms = []
+    for transpose in (False, True):
+        for flip_v in (False, True):
+            for flip_h in (False, True):
+                vertical = [1, 0] if flip_v else [0, 1]
+                horizontal = [3, 2] if flip_h else [2, 3]
+                perms.append(horizontal + vertical if transpose else vertical + horizontal)
+    return torch.tensor(perms)
+
+
+class D4LatticeRule(AxialLatticeRule):
+    """An :class:`AxialLatticeRule` averaged over the 8 rotations and reflections of its four neighbour taps:
+    ``Δs = W₂ · mean_g GELU(W₁ · g(p) + b₁) + b₂`` for the perception ``p`` with its taps reordered by each symmetry
+    ``g`` (:func:`d4_permutations`). With a uniform connection field the rule commutes with the maze's rotations
+    and reflections, as the task does, while the MLP still sees each neighbour's channels together (the isotropic
+    rule's per-channel max and min do not). Same parameters as the axial rule; the first layer runs 8 times."""
+
+    def __init__(self, config: LatticeConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("perms", d4_permutations(), persistent=False)
+
+    def forward(self, state: torch.Tensor, message: SparseOperator | ShiftOperator) -> torch.Tensor:
+        """The update ``Δs``: (N, B, C) -> (N, B, C)."""
+        C = state.shape[-1]
+        p = self.perceive(state, message)  # (N, B, 6C): state, message, up, down, left, right
+        taps = rearrange(p[..., 2 * C :], "n b (j c) -> j n b c", j=4)[self.perms]  # (8, 4, N, B, C)
+        head = p[..., : 2 * C].expand(len(self.perms), *p.shape[:-1], 2 * C)
+        views = torch.cat([head, rearrange(taps, "g j n b c -> g n b (j c)")], dim=-1)  # (8, N, B, 6C)
+        first, act, last = self.update
+        return last(act(first(views)).mean(0))
+
+
 def tile_index(n: int, target: int) -> torch.Tensor:
     """Source index along one axis for :func:`tile_cells`: (target,) int64 into ``range(n)``. The first
     ``n // 2`` and last ``n // 2`` positions map to the source's edges; the middle repeats the source's two centre
@@ -161,11 +200,11 @@ def tile_cells(field: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
 
 
 def build_rule(lattice: LatticeConfig, taps: Taps) -> LatticeRule:
-    """The shared rule of a maze lattice: :class:`AxialLatticeRule` or the plain :class:`LatticeRule`."""
+    """The shared rule of a maze lattice for ``taps``: axial, isotropic, D4-averaged or the plain :class:`LatticeRule`."""
     if lattice.channels <= N_CLASSES:
         raise ValueError(f"lattice.channels={lattice.channels} must be > {N_CLASSES}: the first {N_CLASSES} channels "
                          "hold the maze, the others are the lattice's working state")
-    rules = {"axial": AxialLatticeRule, "isotropic": IsotropicLatticeRule, "lattice": LatticeRule}
+    rules = {"axial": AxialLatticeRule, "isotropic": IsotropicLatticeRule, "d4": D4LatticeRule, "lattice": LatticeRule}
     return rules[taps](lattice)
 
 

@@ -1,4 +1,5 @@
-"""The maze lattice: axial and isotropic taps, recall, a hand-set rule that solves mazes of any size, the fixed-depth baseline."""
+"""The maze lattice: axial, isotropic and D4-averaged taps, recall, a hand-set rule that solves mazes of any size, the
+fixed-depth baseline."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from einops import rearrange
 from neat_lightning.components.lattice import LatticeConfig, LatticeRule
 from neat_lightning.components.maze_lattice import (
     AxialLatticeRule,
+    D4LatticeRule,
     FixedDepthConvNet,
     IsotropicLatticeRule,
     MazeConfig,
     build_rule,
+    d4_permutations,
     initial_state,
     maze_channels,
     run_recall,
@@ -57,14 +60,43 @@ def test_isotropic_taps_are_symmetric_functions_of_the_neighbours_and_commute_wi
     assert sum(p.numel() for p in rule.parameters()) == sum(p.numel() for p in axial.parameters())
 
 
+def test_d4_rule_averages_the_axial_rule_over_the_eight_symmetries_and_commutes_with_them():
+    perms = d4_permutations()
+    assert perms.shape == (8, 4) and len({tuple(p) for p in perms.tolist()}) == 8
+    for p in perms.tolist():  # opposite neighbours stay opposite: {up, down} and {left, right} map to a pair
+        assert {frozenset(p[:2]), frozenset(p[2:])} == {frozenset((0, 1)), frozenset((2, 3))}
+    cfg = LatticeConfig(depth=1, height=5, width=5, channels=3, hidden=8, steps=1)
+    torch.manual_seed(0)
+    rule = D4LatticeRule(cfg)
+    x = torch.randn(25, 2, 3)
+    op = rule.connection_operator(torch.ones(1, 5, 5, 26))
+    grid = rearrange(x, "(h w) b c -> h w b c", h=5)
+    out = rearrange(rule(x, op), "(h w) b c -> h w b c", h=5)
+    for turn in (lambda g: torch.rot90(g, 1, (0, 1)), lambda g: g.flip(0), lambda g: g.flip(1),
+                 lambda g: g.transpose(0, 1)):
+        moved = rearrange(turn(grid), "h w b c -> (h w) b c")
+        assert torch.allclose(rearrange(rule(moved, op), "(h w) b c -> h w b c", h=5), turn(out), atol=1e-6)
+    axial = AxialLatticeRule(cfg)  # the same weights in the axial rule: the D4 update is the mean of its 8 views
+    axial.load_state_dict(rule.state_dict())
+    C = 3
+    p = axial.perceive(x, op)
+    taps = rearrange(p[..., 2 * C :], "n b (j c) -> j n b c", j=4)
+    views = [torch.cat([p[..., : 2 * C], rearrange(taps[q], "j n b c -> n b (j c)")], -1) for q in perms]
+    first, act, last = axial.update
+    assert torch.allclose(rule(x, op), last(torch.stack([act(first(v)) for v in views]).mean(0)), atol=1e-6)
+    assert not torch.allclose(axial(x, op), rule(x, op))  # the check can fail: the axial rule is not averaged
+    assert sum(p.numel() for p in rule.parameters()) == sum(p.numel() for p in axial.parameters())
+
+
 def test_build_rule_and_config_checks():
     cfg = LatticeConfig(depth=1, height=5, width=5, channels=6, hidden=8, steps=4)
     assert isinstance(build_rule(cfg, "axial"), AxialLatticeRule)
     assert type(build_rule(cfg, "lattice")) is LatticeRule
     assert isinstance(build_rule(cfg, "isotropic"), IsotropicLatticeRule)
+    assert isinstance(build_rule(cfg, "d4"), D4LatticeRule)
     with pytest.raises(ValueError, match=r"lattice.channels=4 must be > 4"):
         build_rule(LatticeConfig(depth=1, height=5, width=5, channels=4, hidden=8, steps=4), "axial")
-    for kw, match in ((dict(taps="sobel"), r"taps='sobel' must be 'axial', 'isotropic' or 'lattice'"),
+    for kw, match in ((dict(taps="sobel"), r"taps='sobel' must be 'axial', 'isotropic', 'd4' or 'lattice'"),
                       (dict(max_steps=0), r"max_steps=0 must be >= 1 or None"),
                       (dict(progressive=1.5), r"progressive=1.5 must be in \[0, 1\]"),
                       (dict(pos_weight=0.0), r"pos_weight=0.0 must be > 0"),
@@ -80,7 +112,8 @@ def dead_end_filling_rule(size: int, taps: str = "axial") -> tuple[AxialLatticeR
     """Hand-set weights: channel 4 marks dead cells; a cell dies when it is a wall, already dead, or (not start or
     goal) has >= 3 dead neighbours: ``d' = step(10·(wall + d) + Σ d_nb − 2.5 − 10·(start + goal))``, written with
     GELU units as a clipped ramp (``GELU(m·x)/m ≈ relu(x)`` for m = 20), and ``Δd = d' − d``. With axial taps
-    ``Σ d_nb`` adds the four neighbour taps; with isotropic taps it is 4 × the first (the mean)."""
+    ``Σ d_nb`` adds the four neighbour taps (the D4 rule averages it over orders that give the same sum); with
+    isotropic taps it is 4 × the first (the mean)."""
     C, m = 5, 20.0
     rule = build_rule(LatticeConfig(depth=1, height=size, width=size, channels=C, hidden=4, steps=1,
                                     fire_rate=1.0), taps)
@@ -90,8 +123,11 @@ def dead_end_filling_rule(size: int, taps: str = "axial") -> tuple[AxialLatticeR
             p.zero_()
         z = torch.zeros(6 * C)  # perception: state, message, up, down, left, right (C each)
         z[1], z[4], z[2], z[3] = 10.0, 10.0, -10.0, -10.0  # wall, dead, start, goal
-        for j in range(4) if taps == "axial" else range(1):  # the dead channel of each neighbour, or their mean
-            z[(2 + j) * C + 4] = 1.0 if taps == "axial" else 4.0
+        if taps == "isotropic":
+            z[2 * C + 4] = 4.0  # the mean of the neighbours' dead channels
+        else:
+            for j in range(4):  # the dead channel of each neighbour
+                z[(2 + j) * C + 4] = 1.0
         lin1.weight[0], lin1.bias[0] = m * 2 * z, m * (2 * -2.5 + 0.5)
         lin1.weight[1], lin1.bias[1] = m * 2 * z, m * (2 * -2.5 - 0.5)
         lin1.weight[2, 4], lin1.weight[3, 4] = m, -m
@@ -103,10 +139,10 @@ def dead_end_filling_rule(size: int, taps: str = "axial") -> tuple[AxialLatticeR
     return rule, readout
 
 
-@pytest.mark.parametrize("taps", ["axial", "isotropic"])
+@pytest.mark.parametrize("taps", ["axial", "isotropic", "d4"])
 @pytest.mark.parametrize("size", [9, 17, 33])
 def test_a_hand_set_rule_solves_mazes_of_any_size_and_stays_solved(size, taps):
-    """The lattice step with axial or isotropic taps and recall can express dead-end filling exactly: the same
+    """The lattice step with axial, isotropic or D4 taps and recall can express dead-end filling exactly: the same
     weights solve 9x9, 17x17 and 33x33 mazes, and extra steps change nothing (a fixed point)."""
     mazes = [make_maze(size, s) for s in range(6)]
     batch = maze_batch(mazes)
