@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,11 @@ N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MA
 WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
 Taps = Literal["axial", "isotropic", "d4", "lattice"]
 Resize = Literal["tile", "trilinear"]
+
+
+def one_of(names: tuple[str, ...]) -> str:
+    """``('a', 'b', 'c')`` -> ``"'a', 'b' or 'c'"``, for error messages."""
+    return ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,8 @@ class MazeConfig:
     hard_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.taps not in ("axial", "isotropic", "d4", "lattice"):
-            raise ValueError(f"taps={self.taps!r} must be 'axial', 'isotropic', 'd4' or 'lattice'")
+        if self.taps not in get_args(Taps):
+            raise ValueError(f"taps={self.taps!r} must be {one_of(get_args(Taps))}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
         if not 0.0 <= self.progressive <= 1.0:
@@ -107,8 +112,8 @@ class MazeConfig:
             raise ValueError(f"pos_weight={self.pos_weight} must be > 0")
         if self.noise < 0:
             raise ValueError(f"noise={self.noise} must be >= 0")
-        if self.resize not in ("tile", "trilinear"):
-            raise ValueError(f"resize={self.resize!r} must be 'tile' or 'trilinear'")
+        if self.resize not in get_args(Resize):
+            raise ValueError(f"resize={self.resize!r} must be {one_of(get_args(Resize))}")
         if self.bound is not None and self.bound <= 0:
             raise ValueError(f"bound={self.bound} must be > 0 or None")
         if self.fixed_point < 0:
@@ -173,11 +178,12 @@ class D4LatticeRule(AxialLatticeRule):
         """The update ``Δs``: (N, B, C) -> (N, B, C)."""
         C = state.shape[-1]
         p = self.perceive(state, message)  # (N, B, 6C): state, message, up, down, left, right
-        taps = rearrange(p[..., 2 * C :], "n b (j c) -> j n b c", j=4)[self.perms]  # (8, 4, N, B, C)
-        head = p[..., : 2 * C].expand(len(self.perms), *p.shape[:-1], 2 * C)
-        views = torch.cat([head, rearrange(taps, "g j n b c -> g n b (j c)")], dim=-1)  # (8, N, B, 6C)
         first, act, last = self.update
-        return last(act(first(views)).mean(0))
+        # the state and message part of the first layer is the same in every view: computed once
+        head = F.linear(p[..., : 2 * C], first.weight[:, : 2 * C], first.bias)  # (N, B, H)
+        taps = rearrange(p[..., 2 * C :], "n b (j c) -> j n b c", j=4)[self.perms]  # (8, 4, N, B, C)
+        views = F.linear(rearrange(taps, "g j n b c -> g n b (j c)"), first.weight[:, 2 * C :])  # (8, N, B, H)
+        return last(act(head + views).mean(0))
 
 
 def tile_index(n: int, target: int) -> torch.Tensor:
