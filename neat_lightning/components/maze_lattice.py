@@ -43,7 +43,7 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from neat_lightning.components.lattice import (
@@ -168,22 +168,27 @@ class D4LatticeRule(AxialLatticeRule):
     ``Δs = W₂ · mean_g GELU(W₁ · g(p) + b₁) + b₂`` for the perception ``p`` with its taps reordered by each symmetry
     ``g`` (:func:`d4_permutations`). With a uniform connection field the rule commutes with the maze's rotations
     and reflections, as the task does, while the MLP still sees each neighbour's channels together (the isotropic
-    rule's per-channel max and min do not). Same parameters as the axial rule; the first layer runs 8 times."""
+    rule's per-channel max and min do not). Same parameters as the axial rule.
+
+    Reordering the taps is reordering the first layer's weight blocks instead, so the 8 views run as one MLP of
+    ``8·hidden`` units with tied weights: ``W₁`` with its tap blocks permuted per view, ``W₂`` repeated over the
+    views and divided by 8 (no copy of the perception per view)."""
 
     def __init__(self, config: LatticeConfig) -> None:
         super().__init__(config)
         self.register_buffer("perms", d4_permutations(), persistent=False)
+        # weight block of each perception block per view: state, message, then the tap that view puts in each slot
+        fixed = torch.tensor([[0, 1]]).expand(len(self.perms), 2)
+        self.register_buffer("blocks", torch.cat([fixed, 2 + self.perms.argsort(1)], dim=1), persistent=False)
 
     def forward(self, state: torch.Tensor, message: SparseOperator | ShiftOperator) -> torch.Tensor:
         """The update ``Δs``: (N, B, C) -> (N, B, C)."""
-        C = state.shape[-1]
+        C, G = state.shape[-1], len(self.perms)
         p = self.perceive(state, message)  # (N, B, 6C): state, message, up, down, left, right
         first, act, last = self.update
-        # the state and message part of the first layer is the same in every view: computed once
-        head = F.linear(p[..., : 2 * C], first.weight[:, : 2 * C], first.bias)  # (N, B, H)
-        taps = rearrange(p[..., 2 * C :], "n b (j c) -> j n b c", j=4)[self.perms]  # (8, 4, N, B, C)
-        views = F.linear(rearrange(taps, "g j n b c -> g n b (j c)"), first.weight[:, 2 * C :])  # (8, N, B, H)
-        return last(act(head + views).mean(0))
+        w1 = rearrange(rearrange(first.weight, "h (j c) -> h j c", c=C)[:, self.blocks], "h g j c -> (g h) (j c)")
+        hidden = act(F.linear(p, w1, first.bias.repeat(G)))  # (N, B, G·H)
+        return F.linear(hidden, repeat(last.weight, "c h -> c (g h)", g=G) / G, last.bias)
 
 
 def tile_index(n: int, target: int) -> torch.Tensor:
