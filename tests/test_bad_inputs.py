@@ -325,7 +325,7 @@ CATALOGUE += [
     ("Titans surprise on a model without Titans", lambda t, c: _tiny_lm(episodic={"surprise": "titans"}),
      ValueError, r"episodic.surprise='titans': ByteLM has no Titans memory; use 'loss'"),
     ("sleep callback mode unknown", lambda t, c: _sleep_callback(mode="dream"), ValueError,
-     r"SleepWakeConsolidation mode='dream' must be one of \['sleep', 'replay'\]"),
+     r"SleepWakeConsolidation mode='dream' must be 'sleep' or 'replay'"),
     ("sleep rate backoff out of range", lambda t, c: _sleep_callback(rate_backoff=1.5), ValueError,
      r"SleepWakeConsolidation rate_backoff=1.5 must be in \(0, 1\)"),
 ]

@@ -1,6 +1,6 @@
 """The package's layers import downward only, and the bottom three never import Lightning.
 
-Layers, bottom to top: ``codec`` + ``protocols`` (0) <- ``components`` (1) <- ``data`` (2) <- ``modules`` (3)
+Layers, bottom to top: ``codec`` + ``protocols`` + ``choices`` (0) <- ``components`` (1) <- ``data`` (2) <- ``modules`` (3)
 <- ``callbacks`` (4) <- ``eval`` / ``commands`` / ``cli`` (5). Callbacks skip ``modules`` entirely. Every import in every file counts, including the
 ones inside functions: a lazy import that goes up a layer is still a dependency that goes up.
 """
@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neat_lightning"
 LAYERS = {
     "codec": 0,
     "protocols": 0,
+    "choices": 0,
     "_lazy": 0,
     "components": 1,
     "data": 2,
@@ -26,7 +27,7 @@ LAYERS = {
     "commands": 5,
     "cli": 5,
 }
-LIGHTNING_FREE = {"codec", "protocols", "components"}
+LIGHTNING_FREE = {"codec", "protocols", "choices", "components"}
 # Callbacks reach modules through protocols only, so they may not import modules/ even though it is lower.
 FORBIDDEN = {("callbacks", "modules")}
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from typing_extensions import override
 
+from neat_lightning.choices import check_choice
 from neat_lightning.components.lora import (
     CHECKPOINT_KEY,
     DEFAULT_TARGETS,
@@ -53,6 +54,7 @@ from neat_lightning.protocols import DataSwitchable, StructureRecorder, missing_
 log = logging.getLogger(__name__)
 
 StartUnit = Literal["fraction", "step", "epoch"]
+AtEnd = Literal["merge", "keep"]
 
 
 class LoRAFinalStage(Callback):
@@ -110,18 +112,16 @@ class LoRAFinalStage(Callback):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         switch_data: bool | None = None,
-        at_end: Literal["merge", "keep"] = "merge",
+        at_end: AtEnd = "merge",
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if start_unit not in ("fraction", "step", "epoch"):
-            raise ValueError(f"start_unit={start_unit!r} must be one of 'fraction', 'step', 'epoch'")
+        check_choice("start_unit", start_unit, StartUnit)
         if start_unit == "fraction" and not 0.0 < start < 1.0:
             raise ValueError(f"start={start} must be in (0, 1) with start_unit='fraction'")
         if start_unit != "fraction" and (start < 0 or start != int(start)):
             raise ValueError(f"start={start} must be a whole number >= 0 with start_unit={start_unit!r}")
-        if at_end not in ("merge", "keep"):
-            raise ValueError(f"at_end={at_end!r} must be 'merge' or 'keep'")
+        check_choice("at_end", at_end, AtEnd)
         if r is not None and r < 1:
             raise ValueError(f"r={r} must be >= 1 or None")
         if learning_rate <= 0:

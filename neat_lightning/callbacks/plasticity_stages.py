@@ -32,10 +32,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from neat_lightning.choices import check_choice
 from neat_lightning.components.plasticity import PROFILES, profile_by_name, with_threshold
 from neat_lightning.protocols import Plastic, StagedLattice, require
 
 log = logging.getLogger(__name__)
+
+StageUnit = Literal["steps", "samples"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,12 @@ class PlasticityStages(Callback):
         trainer = L.Trainer(callbacks=[PlasticityStages(stages)])
     """
 
-    def __init__(self, stages: list[Stage] | None = None, unit: Literal["steps", "samples"] = "steps") -> None:
+    def __init__(self, stages: list[Stage] | None = None, unit: StageUnit = "steps") -> None:
         super().__init__()
         stages = list(DEFAULT_STAGES if stages is None else stages)
         if not stages:
             raise ValueError("stages=[]: need at least one stage")
-        if unit not in ("steps", "samples"):
-            raise ValueError(f"unit={unit!r} must be 'steps' or 'samples'")
+        check_choice("unit", unit, StageUnit)
         if stages[0].start != 0:
             raise ValueError(f"stages[0].start={stages[0].start} must be 0")
         for i, (a, b) in enumerate(zip(stages, stages[1:])):

@@ -43,12 +43,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from neat_lightning.choices import check_choice
 from neat_lightning.protocols import MemoryConsolidator, MemoryPrunable, ReplayPlan, require
 
 log = logging.getLogger(__name__)
 
 WAKE, SLEEP = "wake", "sleep"
-MODES = ("sleep", "replay")
+SleepMode = Literal["sleep", "replay"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ class SleepWakeConsolidation(Callback):
         wake_steps: int = 200,
         sleep_steps: int = 20,
         replay_size: int = 32,
-        mode: Literal["sleep", "replay"] = "sleep",
+        mode: SleepMode = "sleep",
         distill_weight: float = 0.0,
         temperature: float = 2.0,
         distill_correct_only: bool = False,
@@ -177,8 +178,7 @@ class SleepWakeConsolidation(Callback):
                             ("memory_items", memory_items), ("min_wake_steps", min_wake_steps)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SleepWakeConsolidation {name}={value!r} must be an integer >= 1")
-        if mode not in MODES:
-            raise ValueError(f"SleepWakeConsolidation mode={mode!r} must be one of {list(MODES)}")
+        check_choice("SleepWakeConsolidation mode", mode, SleepMode)
         for name, value in (("distill_weight", distill_weight), ("memory_weight", memory_weight)):
             if not value >= 0:
                 raise ValueError(f"SleepWakeConsolidation {name}={value} must be >= 0")

@@ -35,15 +35,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from neat_lightning.choices import check_choice
+
+Policy = Literal["reservoir", "greedy"]
+Surprise = Literal["loss", "titans"]
+
 
 @dataclass(frozen=True)
 class EpisodicConfig:
     """The episodic buffer of training windows that sleep replays (:class:`EpisodicBuffer`)."""
 
     capacity: int = 256  # windows kept (per rank); the ids cost capacity × (block_size + 1) × 8 bytes
-    policy: Literal["reservoir", "greedy"] = "reservoir"  # what stays when the buffer is full (module docstring)
+    policy: Policy = "reservoir"  # what stays when the buffer is full (module docstring)
     writes_per_step: int | None = None  # offer only the most surprising windows of each batch; None: all of them
-    surprise: Literal["loss", "titans"] = "loss"  # per-window loss, or the Titans memory's surprise (NeatModel)
+    surprise: Surprise = "loss"  # per-window loss, or the Titans memory's surprise (NeatModel)
     surprise_momentum: float = 0.9  # running mean of the batch surprise that a window's surprise is divided by
     usage_weight: float = 0.0  # keep weight falls as (1 + replays) ** -usage_weight: well-rehearsed windows go first
     age_weight: float = 0.0  # keep weight falls as exp(-age_weight · age), age in optimizer steps
@@ -53,10 +58,8 @@ class EpisodicConfig:
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"EpisodicConfig.capacity={self.capacity} must be >= 1")
-        if self.policy not in ("reservoir", "greedy"):
-            raise ValueError(f"EpisodicConfig.policy={self.policy!r} must be 'reservoir' or 'greedy'")
-        if self.surprise not in ("loss", "titans"):
-            raise ValueError(f"EpisodicConfig.surprise={self.surprise!r} must be 'loss' or 'titans'")
+        check_choice("EpisodicConfig.policy", self.policy, Policy)
+        check_choice("EpisodicConfig.surprise", self.surprise, Surprise)
         if self.writes_per_step is not None and self.writes_per_step < 1:
             raise ValueError(f"EpisodicConfig.writes_per_step={self.writes_per_step} must be >= 1 or None")
         if not 0.0 <= self.surprise_momentum < 1.0:

@@ -38,6 +38,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neat_lightning.choices import check_choice
 from neat_lightning.components.lattice_stencils import (
     ShiftOperator,
     SparseOperator,
@@ -48,11 +49,11 @@ from neat_lightning.components.lattice_stencils import (
     stencil_indices,
     transpose_permutation,
 )
+from neat_lightning.components.memory_budget import Stencil
 from neat_lightning.components.plasticity import N_NEIGHBOURS, neighbour_offsets
 
 Perception = Literal["sobel", "depthwise"]
 RuleInit = Literal["default", "transport"]
-Stencil = Literal["sparse", "shift"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,9 @@ class LatticeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.fire_rate <= 1.0:
             raise ValueError(f"fire_rate={self.fire_rate} must be in (0, 1]")
-        if self.perception not in ("sobel", "depthwise"):
-            raise ValueError(f"perception={self.perception!r} must be 'sobel' or 'depthwise'")
-        if self.stencil not in ("sparse", "shift"):
-            raise ValueError(f"stencil={self.stencil!r} must be 'sparse' or 'shift'")
-        if self.rule_init not in ("default", "transport"):
-            raise ValueError(f"rule_init={self.rule_init!r} must be 'default' or 'transport'")
+        check_choice("perception", self.perception, Perception)
+        check_choice("stencil", self.stencil, Stencil)
+        check_choice("rule_init", self.rule_init, RuleInit)
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = no activation checkpointing)")
         if self.rule_init == "transport" and not self.depth_taps:

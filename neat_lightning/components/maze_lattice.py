@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from neat_lightning.choices import check_choice
 from neat_lightning.components.lattice import (
     LatticeConfig,
     LatticeRule,
@@ -58,11 +59,6 @@ N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MA
 WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
 Taps = Literal["axial", "isotropic", "d4", "lattice"]
 Resize = Literal["tile", "trilinear"]
-
-
-def one_of(names: tuple[str, ...]) -> str:
-    """``('a', 'b', 'c')`` -> ``"'a', 'b' or 'c'"``, for error messages."""
-    return ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
 
 
 @dataclass(frozen=True)
@@ -102,8 +98,7 @@ class MazeConfig:
     hard_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.taps not in get_args(Taps):
-            raise ValueError(f"taps={self.taps!r} must be {one_of(get_args(Taps))}")
+        check_choice("taps", self.taps, Taps)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 or None")
         if not 0.0 <= self.progressive <= 1.0:
@@ -112,8 +107,7 @@ class MazeConfig:
             raise ValueError(f"pos_weight={self.pos_weight} must be > 0")
         if self.noise < 0:
             raise ValueError(f"noise={self.noise} must be >= 0")
-        if self.resize not in get_args(Resize):
-            raise ValueError(f"resize={self.resize!r} must be {one_of(get_args(Resize))}")
+        check_choice("resize", self.resize, Resize)
         if self.bound is not None and self.bound <= 0:
             raise ValueError(f"bound={self.bound} must be > 0 or None")
         if self.fixed_point < 0:

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from neat_lightning.choices import check_choice
+
 GIB = 2**30
 
 # the default growth schedule of ProgressiveScaling: ten sizes from 16³ to 96×128×128, (D, H, W) with depth first
@@ -48,6 +50,7 @@ SIZE_SCHEDULE: tuple[tuple[int, int, int], ...] = (
 )
 
 Precision = Literal["32-true", "bf16-mixed"]
+Stencil = Literal["sparse", "shift"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class MemoryConfig:
     batch: int = 1  # B
     precision: Precision = "32-true"
     checkpoint_every: int = 0  # 0: no activation checkpointing
-    stencil: Literal["sparse", "shift"] = "sparse"
+    stencil: Stencil = "sparse"
     sparsity: float = 0.0  # fraction of connections pruned (dense storage: does not change the estimate)
     encoder_dim: int = 64
     decoder_dim: int = 128
@@ -78,10 +81,8 @@ class MemoryConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
-        if self.precision not in ("32-true", "bf16-mixed"):
-            raise ValueError(f"precision={self.precision!r} must be '32-true' or 'bf16-mixed'")
-        if self.stencil not in ("sparse", "shift"):
-            raise ValueError(f"stencil={self.stencil!r} must be 'sparse' or 'shift'")
+        check_choice("precision", self.precision, Precision)
+        check_choice("stencil", self.stencil, Stencil)
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity={self.sparsity} must be in [0, 1)")
 

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from neat_lightning.choices import check_choice
 from neat_lightning.codec import BOS_ID, OFFSET
 from neat_lightning.components.entropy import EntropyModel, check_2d, context_size, next_byte_entropies
 
@@ -99,11 +100,8 @@ def combined_start_mask(
         (B, T) bool start mask.
     """
     a, b = global_start_mask(entropies, threshold), monotonic_start_mask(entropies, monotonic_threshold)
-    if combine == "or":
-        return a | b
-    if combine == "and":
-        return a & b
-    raise ValueError(f"combine={combine!r} must be one of 'or', 'and'")
+    check_choice("combine", combine, Combine)
+    return a | b if combine == "or" else a & b
 
 
 def split_long_patches(start_mask: torch.Tensor, max_patch_length: int) -> torch.Tensor:
@@ -340,11 +338,8 @@ class PatcherConfig:
     bos_id: int = BOS_ID
 
     def __post_init__(self) -> None:
-        choices = {"mode": ("entropy", "static", "space"), "rule": ("global", "monotonic", "both"),
-                   "combine": ("or", "and")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"PatcherConfig.{name}={getattr(self, name)!r} must be one of {list(allowed)}")
+        for name, allowed in (("mode", Mode), ("rule", Rule), ("combine", Combine)):
+            check_choice(f"PatcherConfig.{name}", getattr(self, name), allowed)
         for name in ("threshold", "monotonic_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import pack, unpack
 from torch import nn
+
+from neat_lightning.choices import check_choice
+
+RestartSampling = Literal["error", "uniform"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -162,7 +167,7 @@ class VectorQuantizer(nn.Module):
         commitment: float = 0.25,
         eps: float = 1e-5,
         dead_code_threshold: float = 1.0,
-        restart_sampling: str = "error",
+        restart_sampling: RestartSampling = "error",
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         cosine: bool = False,
@@ -182,8 +187,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"commitment={commitment} must be >= 0")
         if dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold={dead_code_threshold} must be >= 0")
-        if restart_sampling not in ("uniform", "error"):
-            raise ValueError(f"restart_sampling={restart_sampling!r} must be 'uniform' or 'error'")
+        check_choice("restart_sampling", restart_sampling, RestartSampling)
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters={kmeans_iters} must be >= 0")
         if restart_count is not None and restart_count < dead_code_threshold:

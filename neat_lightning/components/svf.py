@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neat_lightning.choices import check_choice
+
 DispatchMode = Literal["classify", "mixture"]
+SVDMethod = Literal["full", "randomized"]
 
 
 class SVFLinear(nn.Linear):
@@ -56,7 +59,7 @@ class SVFLinear(nn.Linear):
         out_features: int,
         n_tasks: int,
         rank: int | None = None,
-        method: Literal["full", "randomized"] = "full",
+        method: SVDMethod = "full",
         niter: int = 4,
         bias: bool = False,
         device=None,
@@ -68,8 +71,7 @@ class SVFLinear(nn.Linear):
             raise ValueError(f"n_tasks={n_tasks} must be >= 1")
         if rank is not None and not 1 <= rank <= full:
             raise ValueError(f"rank={rank} must be in [1, min(in, out) = {full}] or None")
-        if method not in ("full", "randomized"):
-            raise ValueError(f"method={method!r} must be 'full' or 'randomized'")
+        check_choice("method", method, SVDMethod)
         if method == "randomized" and rank is None:
             raise ValueError("method='randomized' needs a rank (randomized SVD approximates the top-rank directions)")
         r = full if rank is None else rank
@@ -85,7 +87,7 @@ class SVFLinear(nn.Linear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, n_tasks: int, rank: int | None = None,
-        method: Literal["full", "randomized"] = "full", niter: int = 4,
+        method: SVDMethod = "full", niter: int = 4,
     ) -> "SVFLinear":
         """Wrap ``linear``, sharing its weight and bias *Parameters* (tying and optimizers keep working)."""
         new = cls(linear.in_features, linear.out_features, n_tasks, rank, method, niter, bias=linear.bias is not None,
@@ -138,7 +140,7 @@ class SVFLinear(nn.Linear):
 
 def inject_svf(
     module: nn.Module, targets: str, n_tasks: int, rank: int | None = None,
-    method: Literal["full", "randomized"] = "full", niter: int = 4,
+    method: SVDMethod = "full", niter: int = 4,
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose qualified name fully matches the regex ``targets`` by an :class:`SVFLinear`
     sharing its parameters. Returns the replaced names; none matching raises ``ValueError``."""
@@ -184,8 +186,7 @@ class TaskDispatcher(nn.Module):
 
     def __init__(self, dim: int, n_tasks: int, mode: DispatchMode = "classify", prefix: int = 32) -> None:
         super().__init__()
-        if mode not in ("classify", "mixture"):
-            raise ValueError(f"dispatch mode={mode!r} must be 'classify' or 'mixture'")
+        check_choice("dispatch mode", mode, DispatchMode)
         if prefix < 1:
             raise ValueError(f"dispatch prefix={prefix} must be >= 1")
         self.mode, self.prefix = mode, prefix

@@ -17,6 +17,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from neat_lightning.choices import check_choice
+
+Stem = Literal["strided", "patch"]
+
 
 @dataclass(frozen=True)
 class ConvVAEConfig:
@@ -39,11 +43,10 @@ class ConvVAEConfig:
     n_res_blocks: int = 2
     downsample: int = 4
     embed_dim: int = 64
-    stem: Literal["strided", "patch"] = "strided"
+    stem: Stem = "strided"
 
     def __post_init__(self) -> None:
-        if self.stem not in ("strided", "patch"):
-            raise ValueError(f"stem={self.stem!r} must be 'strided' or 'patch'")
+        check_choice("stem", self.stem, Stem)
         for name in ("in_channels", "channels", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from neat_lightning.choices import check_choice
 from neat_lightning.data.generators.maze import (
     Algorithm,
     check_size,
@@ -109,8 +110,7 @@ class MazeDataModule(L.LightningDataModule):
                        val_batch_size=val_batch_size, test_mazes=test_mazes)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-        if algorithm not in ("dfs", "kruskal"):
-            raise ValueError(f"algorithm={algorithm!r} must be 'dfs' or 'kruskal'")
+        check_choice("algorithm", algorithm, Algorithm)
         self.save_hyperparameters()
         self.size, self.batch_size, self.batches_per_epoch = size, batch_size, batches_per_epoch
         self.val_mazes, self.val_batch_size = val_mazes, val_batch_size

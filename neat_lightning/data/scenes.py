@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from neat_lightning.choices import check_choice
 from neat_lightning.data.bytes import (
     Document,
     RandomWindowBatches,
@@ -25,6 +26,8 @@ from neat_lightning.data.generators.scenes import Scene, SceneProblem, load_scen
 from neat_lightning.data.loading import SwitchLoader, check_positive
 
 log = logging.getLogger(__name__)
+
+ValSource = Literal["scenes", "pretrain"]
 
 
 def scene_documents(scenes: Sequence[Scene]) -> list[Document]:
@@ -73,15 +76,14 @@ class SceneDataModule(L.LightningDataModule):
         seed: int = 4321,
         split_seed: int = 0,
         pretrain: L.LightningDataModule | None = None,
-        val_source: Literal["scenes", "pretrain"] = "scenes",
+        val_source: ValSource = "scenes",
         replay: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive(block_size=block_size, batch_size=batch_size, batches_per_epoch=batches_per_epoch)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-        if val_source not in ("scenes", "pretrain"):
-            raise ValueError(f"val_source={val_source!r} must be 'scenes' or 'pretrain'")
+        check_choice("val_source", val_source, ValSource)
         if val_source == "pretrain" and pretrain is None:
             raise ValueError("val_source='pretrain' needs a pretrain DataModule")
         if not 0.0 <= replay < 1.0:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
 
+from neat_lightning.choices import check_choice
 from neat_lightning.codec import BOS_ID, EOS_ID, PAD_ID, decode, encode
 from neat_lightning.components import memory_budget
 from neat_lightning.components.clustering import ClusteringConfig
@@ -62,6 +63,7 @@ from neat_lightning.protocols import GrownParameter
 log = logging.getLogger(__name__)
 
 STRUCTURE_NAME = "lattice"
+LatticeMode = Literal["nca", "energy_flow"]
 # hyperparameters a checkpoint must agree on (checked on load; the error names the field), dotted into groups
 MODE_FIELDS = ("use_lattice", "mode", "energy_flow.carriers", "energy_flow.carrier_dim", "energy_flow.memory")
 
@@ -166,7 +168,7 @@ class LatticeNetwork(PlasticLattice, ResumableModule):
     def __init__(
         self,
         use_lattice: bool = True,
-        mode: Literal["nca", "energy_flow"] = "nca",
+        mode: LatticeMode = "nca",
         lattice: LatticeConfig = LatticeConfig(),
         text: FaceTextConfig = FaceTextConfig(),
         plasticity: PlasticityConfig = PlasticityConfig(),
@@ -188,8 +190,7 @@ class LatticeNetwork(PlasticLattice, ResumableModule):
                              "reach the output face")
         if metrics_every < 1:
             raise ValueError(f"metrics_every={metrics_every} must be >= 1")
-        if mode not in ("nca", "energy_flow"):
-            raise ValueError(f"mode={mode!r} must be 'nca' or 'energy_flow'")
+        check_choice("mode", mode, LatticeMode)
         self.config = lattice  # follows the lattice's growth (size and steps)
         self.text_config, self.optim_config = text, optim
         C, H, W = lattice.channels, lattice.height, lattice.width

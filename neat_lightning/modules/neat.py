@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from neat_lightning.choices import check_choice
 from neat_lightning.codec import PAD_ID, VOCAB_SIZE, VisualVocab
 from neat_lightning.components.blt import BLTConfig, BLTProcessor
 from neat_lightning.components.episodic_buffer import EpisodicConfig
@@ -54,6 +55,7 @@ from neat_lightning.modules.replay import ConsolidationMixin, ReplayTerms, episo
 from neat_lightning.protocols import ReplayPlan
 from neat_lightning.modules.vqvae import check_tokenizer_matches
 
+Frontend = Literal["bytes", "blt"]
 COMPONENTS_KEY = "neat_components"
 COMPONENT_NAMES = ("titans", "svf", "mvot")
 
@@ -123,7 +125,7 @@ class NeatModel(NeatGenerationMixin, ConsolidationMixin, ResumableModule):
         mlp_hidden: int | None = None,
         dropout: float = 0.0,
         rope_base: float = 10_000.0,
-        frontend: Literal["bytes", "blt"] = "bytes",
+        frontend: Frontend = "bytes",
         blt_config: BLTConfig = BLTConfig(),
         entropy_model_ckpt: str | None = None,
         titans: bool = True,
@@ -163,8 +165,7 @@ class NeatModel(NeatGenerationMixin, ConsolidationMixin, ResumableModule):
         for name in active_components:
             if name not in built:
                 raise ValueError(f"active_components: {name!r} is not a built component; built: {built}")
-        if frontend not in ("bytes", "blt"):
-            raise ValueError(f"frontend={frontend!r} must be 'bytes' or 'blt'")
+        check_choice("frontend", frontend, Frontend)
         # mvot with BLT entropy patching: BLTProcessor.patch_lengths hides ids >= 260 from the 260-id entropy ByteLM
         # (PAD in their place) and makes each of them a patch of its own (components/blt.py, tested there)
         groups = {"titans_config": titans_config, "blt_config": blt_config, "svf_config": svf_config,

@@ -17,9 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from neat_lightning.choices import check_choice
+from neat_lightning.components.svf import SVDMethod
 from neat_lightning.data.math import MATH_TASKS
 
 # 8 experts: the math types, the three one-fact memory types and a general one (mqar and needle rows use general)
+Dispatch = Literal["oracle", "classify", "mixture"]
 DEFAULT_SVF_TASKS = (*MATH_TASKS, "fact_recall", "temporal_gap", "surprise", "general")
 
 
@@ -42,9 +45,9 @@ class SVFConfig:
 
     tasks: tuple[str, ...] = DEFAULT_SVF_TASKS
     rank: int | None = None
-    method: Literal["full", "randomized"] = "full"
+    method: SVDMethod = "full"
     targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(w1|w2|w3))"
-    dispatch: Literal["oracle", "classify", "mixture"] = "classify"
+    dispatch: Dispatch = "classify"
     freeze_base: bool = True
     train_experts: tuple[str, ...] | None = None
     dispatch_prefix: int = 32
@@ -55,10 +58,8 @@ class SVFConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.tasks:
             raise ValueError("SVFConfig.tasks=[] must name at least one expert")
-        if self.dispatch not in ("oracle", "classify", "mixture"):
-            raise ValueError(f"SVFConfig.dispatch={self.dispatch!r} must be 'oracle', 'classify' or 'mixture'")
-        if self.method not in ("full", "randomized"):
-            raise ValueError(f"SVFConfig.method={self.method!r} must be 'full' or 'randomized'")
+        check_choice("SVFConfig.dispatch", self.dispatch, Dispatch)
+        check_choice("SVFConfig.method", self.method, SVDMethod)
         for name in self.train_experts or ():
             if name not in self.tasks:
                 raise ValueError(f"SVFConfig.train_experts: {name!r} is not an expert; tasks are {list(self.tasks)}")

@@ -28,7 +28,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -38,8 +38,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torchmetrics import MeanMetric, Metric
 
 from neat_lightning.codec import VisualVocab
-from neat_lightning.components.quantizer import VectorQuantizer, perplexity_from_counts, squared_distances
-from neat_lightning.components.vqvae import ConvVAEConfig, Decoder, Encoder
+from neat_lightning.choices import check_choice
+from neat_lightning.components.quantizer import RestartSampling, VectorQuantizer, perplexity_from_counts, squared_distances
+from neat_lightning.components.vqvae import ConvVAEConfig, Decoder, Encoder, Stem
 from neat_lightning.modules.base import FORMAT, FORMAT_KEY, ResumableModule, load_frozen
 from neat_lightning.modules.optim import default_adamw
 
@@ -141,11 +142,11 @@ class VQVAE(ResumableModule):
         downsample: int = 4,
         codebook_size: int = 256,
         embed_dim: int = 64,
-        stem: Literal["strided", "patch"] = "strided",
+        stem: Stem = "strided",
         decay: float = 0.99,
         commitment: float = 0.25,
         dead_code_threshold: float = 1.0,
-        restart_sampling: Literal["error", "uniform"] = "error",
+        restart_sampling: RestartSampling = "error",
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         cosine: bool = False,

@@ -203,7 +203,7 @@ def test_static_patches_and_padding_patches_give_finite_outputs():
         (dict(target_boundary_ratio=0.5), r"target_boundary_ratio=0.5 must be in \[1/128, 1/8\]"),
         (dict(max_patch_length=200), r"max_patch_length=200 must be in \[1, 128\]"),
         (dict(max_patch_length=6), r"max_patch_length=6 is below the target mean patch size .*=10"),
-        (dict(mode="bpe"), r"mode='bpe' must be one of"),
+        (dict(mode="bpe"), r"mode='bpe' must be 'entropy', 'static' or 'space'"),
         (dict(dim_local=18, heads_local=4), r"dim_local=18 must split into heads_local=4"),
         (dict(ngram_sizes=(3, 3)), r"ngram_sizes=\[3, 3\] must be distinct"),
         (dict(threshold=-1.0), r"threshold=-1.0 must be a finite number > 0"),

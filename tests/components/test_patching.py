@@ -107,7 +107,7 @@ def test_combined_rules_hand_computed():
     # global > 2.6: bytes 3, 4; monotonic > 1.0: bytes 1, 3, 7
     assert torch.equal(combined_start_mask(H, 2.6, 1.0, "or"), mask("11011001"))
     assert torch.equal(combined_start_mask(H, 2.6, 1.0, "and"), mask("10010000"))
-    with pytest.raises(ValueError, match="combine='xor' must be one of"):
+    with pytest.raises(ValueError, match="combine='xor' must be 'or' or 'and'"):
         combined_start_mask(H, 2.6, 1.0, "xor")
 
 
@@ -267,9 +267,9 @@ def test_next_byte_entropies_restore_training_mode_and_validate(tiny_model):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("mode", "bpe", r"mode='bpe' must be one of \['entropy', 'static', 'space'\]"),
-        ("rule", "max", "rule='max' must be one of"),
-        ("combine", "xor", "combine='xor' must be one of"),
+        ("mode", "bpe", r"mode='bpe' must be 'entropy', 'static' or 'space'"),
+        ("rule", "max", "rule='max' must be 'global', 'monotonic' or 'both'"),
+        ("combine", "xor", "combine='xor' must be 'or' or 'and'"),
         ("threshold", float("nan"), "threshold=nan must be a finite number"),
         ("max_patch_length", 0, "max_patch_length=0 must be >= 1 or None"),
         ("patch_size", 0, "patch_size=0 must be >= 1"),

@@ -31,6 +31,8 @@ from typing import Literal
 
 import torch
 
+from neat_lightning.choices import check_choice
+
 MAZE_CLASSES: tuple[str, ...] = ("free", "wall", "start", "goal")
 FREE, WALL, START, GOAL = range(4)
 Algorithm = Literal["dfs", "kruskal"]
@@ -66,6 +68,7 @@ def check_size(size: int, field: str = "size") -> int:
 
 def carve(rooms: int, rng: random.Random, algorithm: Algorithm = "dfs") -> list[list[int]]:
     """A perfect maze of ``rooms × rooms`` rooms -> ``(2·rooms + 1)²`` grid of FREE/WALL (a list of rows)."""
+    check_choice("algorithm", algorithm, Algorithm)
     n = 2 * rooms + 1
     g = [[WALL] * n for _ in range(n)]
     for i in range(rooms):
@@ -85,7 +88,7 @@ def carve(rooms: int, rng: random.Random, algorithm: Algorithm = "dfs") -> list[
             g[i + ni + 1][j + nj + 1] = FREE  # the passage between the two rooms
             visited.add((ni, nj))
             stack.append((ni, nj))
-    elif algorithm == "kruskal":
+    else:  # kruskal
         parent = list(range(rooms * rooms))
 
         def root(a: int) -> int:
@@ -102,8 +105,6 @@ def carve(rooms: int, rng: random.Random, algorithm: Algorithm = "dfs") -> list[
             if a != b:
                 parent[a] = b
                 g[i + k + 1][j + m + 1] = FREE
-    else:
-        raise ValueError(f"algorithm={algorithm!r} must be 'dfs' or 'kruskal'")
     return g
 
 
