@@ -10,7 +10,9 @@ cells) with ``test_steps = val_steps·f²`` lattice steps:
 - ``lattice_no_plasticity``: ``plasticity.enabled: false`` and no stage table (connections stay at their init);
 - ``fixed_depth``: ``use_lattice: false``, a residual 3x3 conv net of ``lattice.steps`` layers with the lattice
   model's parameter count (its receptive field is its depth; step counts do not apply);
-- ``fixed_depth_wide`` (only with ``--models``): the same network 16 channels wide, not parameter-matched.
+- ``fixed_depth_wide`` (only with ``--models``): the same network 16 channels wide, not parameter-matched;
+- ``lattice_axial``, ``lattice_axial_no_plasticity``, ``lattice_axial_no_emergence`` (only with ``--models``): the
+  three lattice models with ``maze.taps: axial``, the rule without the average over the square's symmetries.
 
     python benchmarks/lattice_maze.py                                  # everything; resumes what the JSON has
     python benchmarks/lattice_maze.py --models lattice --seeds 0 --sizes 1 2 4     # one run, three sizes
@@ -41,14 +43,19 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "lattice_maze.json"
 CONFIG = REPO / "configs" / "lattice_maze.yaml"
 MODELS = ("lattice", "fixed_depth", "lattice_no_plasticity", "lattice_no_emergence")
-# not parameter-matched: a fixed-depth network wide enough to learn the training size (run it with --models)
-EXTRA_MODELS = ("fixed_depth_wide",)
+# run with --models: a fixed-depth network wide enough to learn the training size (not parameter-matched), and the
+# lattice models with the axial rule
+EXTRA_MODELS = ("fixed_depth_wide", "lattice_axial", "lattice_axial_no_plasticity", "lattice_axial_no_emergence")
+AXIAL = "_axial"  # the infix that sets maze.taps: axial
 WIDE = 16  # channels of fixed_depth_wide
 
 
 def variant(config: dict, model: str) -> tuple[dict, bool]:
     """The model's init_args for one variant and whether it keeps the config's stage table."""
     args = copy.deepcopy(config["model"]["init_args"])
+    if AXIAL in model:
+        args.setdefault("maze", {})["taps"] = "axial"
+        model = model.replace(AXIAL, "")
     plasticity = args.setdefault("plasticity", {})
     if model in ("fixed_depth", "fixed_depth_wide"):
         args["use_lattice"] = False
@@ -103,6 +110,7 @@ def train(config: dict, model: str, seed: int, steps: int, run_dir: Path):
         "model": model, "seed": seed, "steps": trainer.global_step, "train_cpu_s": round(cpu_s, 1),
         "train_wall_s": round(wall_s, 1), "load_average_before": load0, "load_average_after": os.getloadavg(),
         "params": sum(p.numel() for p in module.parameters()),
+        "taps": module.maze_config.taps if module.hparams.use_lattice else None,
         "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "sparsity": module.sparsity, "profile": module.profile.name, "sizes": {},
     }

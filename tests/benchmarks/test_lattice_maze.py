@@ -56,3 +56,19 @@ def test_benchmark_writes_rows_resumes_and_plots(tmp_path):
     assert [m["test_steps"] for m in marks] == [2, 4, 8] and all(m["maze_cells"] == 13 for m in marks)
     assert marks[0]["changed_since_previous"] is None and all(0 <= m["changed_since_previous"] <= 3 for m in marks[1:])
     assert json.loads(out.read_text())["rows"] == rows  # a sweep writes nothing
+
+
+def test_variants_differ_from_the_config_only_where_named():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from lattice_maze import EXTRA_MODELS, MODELS, variant
+
+    config = yaml.safe_load((REPO / "configs" / "lattice_maze.yaml").read_text())
+    shipped = config["model"]["init_args"]
+    for model in MODELS + EXTRA_MODELS:
+        args, stages = variant(config, model)
+        assert args["maze"]["taps"] == ("axial" if "_axial" in model else shipped["maze"]["taps"])
+        assert args.get("use_lattice", True) == (not model.startswith("fixed_depth"))
+        assert args["plasticity"].get("enabled", True) == (not model.endswith("no_plasticity"))
+        assert args["plasticity"]["emergence_feedback"] == (not model.endswith("no_emergence"))
+        assert stages == (model.startswith("lattice") and not model.endswith("no_plasticity"))
+        assert args["lattice"] == shipped["lattice"] and args["optim"] == shipped["optim"]
