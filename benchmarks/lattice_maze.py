@@ -11,8 +11,9 @@ cells) with ``test_steps = val_steps·f²`` lattice steps:
 - ``fixed_depth``: ``use_lattice: false``, a residual 3x3 conv net of ``lattice.steps`` layers with the lattice
   model's parameter count (its receptive field is its depth; step counts do not apply);
 - ``fixed_depth_wide`` (only with ``--models``): the same network 16 channels wide, not parameter-matched;
-- ``lattice_axial``, ``lattice_axial_no_plasticity``, ``lattice_axial_no_emergence`` (only with ``--models``): the
-  three lattice models with ``maze.taps: axial``, the rule without the average over the square's symmetries.
+- ``lattice_axial``, ``lattice_d4`` and their ``_no_plasticity`` / ``_no_emergence`` forms (only with ``--models``):
+  the three lattice models with ``maze.taps`` set to ``axial`` (the rule sees its four neighbours in a fixed order)
+  or ``d4`` (averaged over the square's 8 symmetries), whatever the config says.
 
     python benchmarks/lattice_maze.py                                  # everything; resumes what the JSON has
     python benchmarks/lattice_maze.py --models lattice --seeds 0 --sizes 1 2 4     # one run, three sizes
@@ -44,18 +45,20 @@ RESULTS = REPO / "benchmarks" / "results" / "lattice_maze.json"
 CONFIG = REPO / "configs" / "lattice_maze.yaml"
 MODELS = ("lattice", "fixed_depth", "lattice_no_plasticity", "lattice_no_emergence")
 # run with --models: a fixed-depth network wide enough to learn the training size (not parameter-matched), and the
-# lattice models with the axial rule
-EXTRA_MODELS = ("fixed_depth_wide", "lattice_axial", "lattice_axial_no_plasticity", "lattice_axial_no_emergence")
-AXIAL = "_axial"  # the infix that sets maze.taps: axial
+# lattice models with a given rule (the infix after "lattice_" sets maze.taps)
+TAPS = ("axial", "d4")
+EXTRA_MODELS = ("fixed_depth_wide",) + tuple(
+    f"lattice_{taps}{ablation}" for taps in TAPS for ablation in ("", "_no_plasticity", "_no_emergence"))
 WIDE = 16  # channels of fixed_depth_wide
 
 
 def variant(config: dict, model: str) -> tuple[dict, bool]:
     """The model's init_args for one variant and whether it keeps the config's stage table."""
     args = copy.deepcopy(config["model"]["init_args"])
-    if AXIAL in model:
-        args.setdefault("maze", {})["taps"] = "axial"
-        model = model.replace(AXIAL, "")
+    for taps in TAPS:
+        if model.startswith(f"lattice_{taps}"):
+            args.setdefault("maze", {})["taps"] = taps
+            model = model.replace(f"_{taps}", "", 1)
     plasticity = args.setdefault("plasticity", {})
     if model in ("fixed_depth", "fixed_depth_wide"):
         args["use_lattice"] = False

@@ -66,7 +66,8 @@ def test_variants_differ_from_the_config_only_where_named():
     shipped = config["model"]["init_args"]
     for model in MODELS + EXTRA_MODELS:
         args, stages = variant(config, model)
-        assert args["maze"]["taps"] == ("axial" if "_axial" in model else shipped["maze"]["taps"])
+        named = next((t for t in ("axial", "d4") if model.startswith(f"lattice_{t}")), shipped["maze"]["taps"])
+        assert args["maze"]["taps"] == named
         assert args.get("use_lattice", True) == (not model.startswith("fixed_depth"))
         assert args["plasticity"].get("enabled", True) == (not model.endswith("no_plasticity"))
         assert args["plasticity"]["emergence_feedback"] == (not model.endswith("no_emergence"))
