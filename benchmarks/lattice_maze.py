@@ -122,32 +122,40 @@ def train(config: dict, model: str, seed: int, steps: int, run_dir: Path):
     return module, record
 
 
-def evaluate(module, data, factor: int, n_mazes: int, batch: int) -> dict:
-    """Exact-path accuracy and per-cell F1 on ``n_mazes`` held-out mazes at ``factor`` x the training rooms."""
+def evaluate(module, data, factor: int, n_mazes: int, batch: int, views: int = 1) -> dict:
+    """Exact-path accuracy and per-cell F1 on ``n_mazes`` held-out mazes at ``factor`` x the training rooms, of the
+    maze as given; with ``views=8`` also of the answer picked from the maze's 8 rotations and reflections
+    (``LatticeMazeSolver.solve``: the first view whose prediction passes the label-free path check, else the
+    per-cell majority), under ``views8_*`` keys, and the share of those answers that passed the check."""
     import torch
     from torchmetrics.functional.classification import binary_f1_score
-
-    from neat_lightning.modules.lattice_maze import path_scores
 
     size = 2 * factor * (module.config.height // 2) + 1
     steps = module.val_steps * factor**2 if module.hparams.use_lattice else module.config.steps
     mazes = data.eval_set(size, n_mazes)
-    exact, preds = [], []
+    target = mazes["target"]
+    plain, answers, checked = [], [], []
     cpu0 = time.process_time()
     module.eval()
     with torch.no_grad():
         for i in range(0, n_mazes, batch):  # over batches of test mazes
-            logits = module(mazes["maze"][i : i + batch], steps)
-            e, p = path_scores(logits, mazes["target"][i : i + batch])
-            exact.append(e)
-            preds.append(p)
-    pred = torch.cat(preds)
-    return {
-        "maze_cells": size, "test_steps": steps, "n_mazes": n_mazes,
-        "exact_path_accuracy": float(torch.cat(exact).mean()),
-        "cell_f1": float(binary_f1_score(pred.flatten(), mazes["target"].flatten())),
-        "eval_cpu_s": round(time.process_time() - cpu0, 1), "load_average": os.getloadavg(),
-    }
+            maze = mazes["maze"][i : i + batch]
+            logits = module.view_logits(maze, steps, views)  # (V, b, S, S), the maze as given first
+            plain.append((logits[0] > 0).long())
+            if views > 1:
+                answer, ok = module.answer(maze, logits)
+                answers.append(answer)
+                checked.append(ok)
+    exact = lambda pred: float((pred == target).flatten(1).all(1).float().mean())
+    f1 = lambda pred: float(binary_f1_score(pred.flatten(), target.flatten()))
+    pred = torch.cat(plain)
+    out = {"maze_cells": size, "test_steps": steps, "n_mazes": n_mazes,
+           "exact_path_accuracy": exact(pred), "cell_f1": f1(pred)}
+    if views > 1:
+        answer = torch.cat(answers)
+        out.update({"views8_exact_path_accuracy": exact(answer), "views8_cell_f1": f1(answer),
+                    "views8_path_checked": float(torch.cat(checked).float().mean())})
+    return out | {"views": views, "eval_cpu_s": round(time.process_time() - cpu0, 1), "load_average": os.getloadavg()}
 
 
 def sweep_steps(module, data, factor: int, n_mazes: int, marks: list[int]) -> list[dict]:
@@ -199,18 +207,28 @@ def aggregate(runs: list[dict]) -> list[dict]:
                 "params": have[0]["params"], "cpu_s": mean([r["train_cpu_s"] for r in have]),
                 "eval_cpu_s": mean([s["eval_cpu_s"] for s in sizes]), "seeds": [r["seed"] for r in have],
             })
+            if all("views8_exact_path_accuracy" in s for s in sizes):  # every seed also tested in 8 views
+                rows[-1].update({
+                    "views8_exact_path_accuracy": mean([s["views8_exact_path_accuracy"] for s in sizes]),
+                    "views8_per_seed": {str(r["seed"]): round(s["views8_exact_path_accuracy"], 4)
+                                        for r, s in zip(have, sizes)},
+                    "views8_cell_f1": mean([s["views8_cell_f1"] for s in sizes]),
+                    "views8_path_checked": mean([s["views8_path_checked"] for s in sizes]),
+                })
     return rows
 
 
 def table(rows: list[dict]) -> str:
     header = ("| model | size factor | maze cells | test steps | exact-path accuracy (mean) | per seed | cell F1 | "
-              "params | train CPU s | eval CPU s |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "8 views + path check (mean) | per seed | params | train CPU s | eval CPU s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = lambda values: ", ".join(f"{v:.2f}" for v in values)
     for r in rows:
-        seeds = ", ".join(f"{v:.2f}" for v in r["per_seed"].values())
+        views = (f"{r['views8_exact_path_accuracy']:.3f} | {seeds(r['views8_per_seed'].values())}"
+                 if "views8_exact_path_accuracy" in r else "— | —")
         lines.append(f"| {r['model']} | {r['size_factor']} | {r['maze_cells']}x{r['maze_cells']} | {r['test_steps']} "
-                     f"| {r['exact_path_accuracy']:.3f} | {seeds} | {r['cell_f1']:.3f} | {r['params']:,} | "
-                     f"{r['cpu_s']:.0f} | {r['eval_cpu_s']:.0f} |")
+                     f"| {r['exact_path_accuracy']:.3f} | {seeds(r['per_seed'].values())} | {r['cell_f1']:.3f} | "
+                     f"{views} | {r['params']:,} | {r['cpu_s']:.0f} | {r['eval_cpu_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -276,6 +294,9 @@ def main() -> None:
                         help="held-out mazes per size factor, in the order of --sizes")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's max_steps)")
     parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--views", type=int, default=1, choices=(1, 8),
+                        help="8: also test each maze in its 8 rotations and reflections, answering with the first "
+                             "prediction that passes the path check (views8_* keys); sizes without them are retested")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -316,7 +337,9 @@ def main() -> None:
             for model in args.models:
                 old = next((r for r in runs if r["model"] == model and r["seed"] == seed and r["steps"] == steps),
                            None)
-                if old is not None and not args.fresh and all(str(f) in old["sizes"] for f in args.sizes):
+                tested = lambda r, f: str(f) in r["sizes"] and (
+                    args.views == 1 or "views8_exact_path_accuracy" in r["sizes"][str(f)])
+                if old is not None and not args.fresh and all(tested(old, f) for f in args.sizes):
                     print(f"{model} seed {seed}: in {args.out.name}, skipped", flush=True)
                     continue
                 ckpt = args.run_dir / f"{model}_s{seed}.ckpt"
@@ -330,9 +353,9 @@ def main() -> None:
                     print(f"{model} seed {seed}: {record['steps']} steps, {record['train_cpu_s']} CPU s, "
                           f"{record['params']} params, load {record['load_average_after'][0]:.1f}", flush=True)
                 for f, n in zip(args.sizes, args.mazes):
-                    if str(f) in record["sizes"] and record is old:
+                    if record is old and tested(record, f):
                         continue
-                    record["sizes"][str(f)] = evaluate(module, data, f, n, args.eval_batch)
+                    record["sizes"][str(f)] = evaluate(module, data, f, n, args.eval_batch, args.views)
                     print(f"  x{f}: {json.dumps(record['sizes'][str(f)])}", flush=True)
                 runs = [r for r in runs if not (r["model"] == model and r["seed"] == seed)] + [record]
                 result.update({

@@ -56,7 +56,7 @@ from neat_lightning.components.lattice import (
 from neat_lightning.components.lattice_stencils import ShiftOperator, SparseOperator
 
 N_CLASSES = 4  # free, wall, start, goal (neat_lightning.data.generators.maze.MAZE_CLASSES)
-WALL = 1  # the wall class's channel (neat_lightning.data.generators.maze.WALL; data sits above components)
+WALL, START, GOAL = 1, 2, 3  # class channels (neat_lightning.data.generators.maze; data sits above components)
 Taps = Literal["axial", "isotropic", "d4", "lattice"]
 Resize = Literal["tile", "trilinear"]
 
@@ -315,3 +315,65 @@ class FixedDepthConvNet(nn.Module):
         for conv in self.layers:  # over the fixed layers
             h = h + conv(F.gelu(torch.cat([h, x], dim=1)))
         return self.readout(h)[:, 0]
+
+
+def square_views(grid: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) -> (8, B, S, S): the grids under the 8 rotations and reflections of the square, the identity first
+    (view ``v``: rotate by ``v // 2`` quarter turns, then mirror left-right when ``v`` is odd)."""
+    views = []
+    for turns in range(4):
+        rotated = torch.rot90(grid, turns, (-2, -1))
+        views += [rotated, rotated.flip(-1)]
+    return torch.stack(views)
+
+
+def unview(views: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`square_views`: (8, B, S, S) fields, each in its view's frame -> (8, B, S, S), all in
+    the frame of the original grids."""
+    return torch.stack([torch.rot90(v.flip(-1) if i % 2 else v, -(i // 2), (-2, -1)) for i, v in enumerate(views)])
+
+
+def _neighbour_sum(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) float -> (B, S, S): the sum over each cell's 4 in-plane neighbours (zero outside the grid)."""
+    p = F.pad(x, (1, 1, 1, 1))
+    return p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]
+
+
+def is_simple_path(maze: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whether each predicted mask is one simple path of free cells from the start to the goal, label-free.
+
+    maze (B, S, S) int64 cell classes, mask (B, S, S) 0/1 -> (B,) bool. True when start and goal are marked, no
+    wall is, start and goal have exactly one marked neighbour and every other marked cell two, and the marked cells
+    are connected (a connected set with these degrees is a path between its two degree-1 cells). In a perfect maze
+    (a spanning tree of its rooms, what :mod:`neat_lightning.data.generators.maze` makes) the only simple path from
+    start to goal is the shortest one, so there this check is exact: True iff the mask is the answer. In a maze
+    with loops a longer simple path would pass too.
+    """
+    on = mask.bool()
+    ends = (maze == START) | (maze == GOAL)
+    degree = _neighbour_sum(on.float())
+    wanted = torch.where(ends, 1.0, 2.0)
+    local = (~on | ((degree == wanted) & (maze != WALL))) & (on | ~ends)
+    reach = on & (maze == START)
+    for _ in range(int(on.sum(dim=(-2, -1)).max()) if len(on) else 0):  # flood fill through the marked cells
+        grown = (reach | (_neighbour_sum(reach.float()) > 0)) & on
+        if torch.equal(grown, reach):
+            break
+        reach = grown
+    return local.flatten(1).all(1) & (reach == on).flatten(1).all(1)
+
+
+def select_path(maze: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One answer per maze from several predictions of it: the first that :func:`is_simple_path` accepts, or,
+    where none is, the per-cell majority (a cell is path when at least half of the predictions mark it).
+
+    maze (B, S, S) int64, predictions (V, B, S, S) 0/1 in the maze's frame -> ``(answer (B, S, S) int64,
+    checked (B,) bool)``: ``checked`` is True where the answer passed the check.
+    """
+    valid = torch.stack([is_simple_path(maze, p) for p in predictions])  # (V, B)
+    first = valid.float().argmax(0)  # the first accepted prediction (0 where none is)
+    chosen = predictions[first, torch.arange(maze.shape[0], device=maze.device)]
+    majority = (2 * predictions.long().sum(0) >= len(predictions)).long()
+    checked = valid.any(0)
+    return torch.where(checked[:, None, None], chosen.long(), majority), checked
+

@@ -28,7 +28,7 @@ the same under ``test/`` (with ``test_steps``), and ``lattice/activity``, ``latt
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryF1Score
 
+from neat_lightning.choices import check_choice
 from neat_lightning.components.clustering import ClusteringConfig
 from neat_lightning.components.lattice import LatticeConfig
 from neat_lightning.components.lattice_state import LatticeState, resample_cells
@@ -45,9 +46,13 @@ from neat_lightning.components.maze_lattice import (
     FixedDepthConvNet,
     MazeConfig,
     build_rule,
+    is_simple_path,
     maze_channels,
     run_recall,
+    select_path,
+    square_views,
     tile_cells,
+    unview,
 )
 from neat_lightning.components.plasticity import (
     PlasticityConfig,
@@ -66,6 +71,7 @@ GROUPS: dict[str, type] = {
     "optim": LatticeOptimConfig,
 }
 MAZE_LATTICE = LatticeConfig(depth=1, height=9, width=9, channels=6, hidden=32, steps=30, fire_rate=1.0)
+Views = Literal[1, 8]
 MAZE_OPTIM = LatticeOptimConfig(learning_rate=1e-2, weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1)
 
 
@@ -91,6 +97,10 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         optim: the default AdamW with warm-up and cosine decay (``rule_lr_scale`` must stay 1).
         val_steps: lattice steps in validation (None: ``maze.max_steps`` or ``lattice.steps``).
         test_steps: lattice steps in testing, free to exceed the training steps on larger mazes (None: val_steps).
+        test_views: 8 runs every test maze also in its 7 other rotations and reflections and answers with the first
+            prediction that is one simple path from start to goal (:func:`~neat_lightning.components.maze_lattice.
+            is_simple_path`, label-free; exact on perfect mazes), else the per-cell majority (:meth:`solve`);
+            1 answers with the maze as given. ``test/path_checked`` logs the share of answers that passed the check.
         baseline_width: channels of the fixed-depth baseline (``use_lattice=False``); None: the width whose
             parameter count is closest to the lattice model's.
         metrics_every: log lattice metrics every this many training steps.
@@ -107,6 +117,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         optim: LatticeOptimConfig = MAZE_OPTIM,
         val_steps: int | None = None,
         test_steps: int | None = None,
+        test_views: Views = 1,
         baseline_width: int | None = None,
         metrics_every: int = 10,
         lattice_seed: int = 0,
@@ -128,6 +139,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         for name, value in (("val_steps", val_steps), ("test_steps", test_steps), ("baseline_width", baseline_width)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 or None")
+        check_choice("test_views", test_views, Views)
         if metrics_every < 1:
             raise ValueError(f"metrics_every={metrics_every} must be >= 1")
         if optim.rule_lr_scale != 1.0:
@@ -150,7 +162,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         self.test_steps = test_steps or self.val_steps
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": metric() for stage in ("val", "test")
-            for name, metric in (("exact", MeanMetric), ("f1", BinaryF1Score))
+            for name, metric in (("exact", MeanMetric), ("f1", BinaryF1Score), ("checked", MeanMetric))
         })
         self._last_activity: torch.Tensor | None = None  # (T, 1, S, S) of the last training forward
         self._last_cells: torch.Tensor | None = None  # (S·S, C) batch-mean final state
@@ -218,6 +230,33 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         state, _ = run_recall(self.rule, maze_channels(maze), self._operator(maze.shape[-1]), steps, state=state,
                               recall=cfg.recall, bound=cfg.bound, mask_walls=cfg.mask_walls)
         return state
+
+    def view_logits(self, maze: torch.Tensor, steps: int | None = None, views: Views = 1) -> torch.Tensor:
+        """maze (B, S, S) int64 -> path logits (V, B, S, S) of the maze run as given (``views=1``) or in all 8
+        rotations and reflections of the square (``views=8``, the identity first; one batch of 8·B), each mapped
+        back to the maze's frame."""
+        check_choice("views", views, Views)
+        if views == 1:
+            return self(maze, steps)[None]
+        logits = self(rearrange(square_views(maze), "v b h w -> (v b) h w"), steps)
+        return unview(rearrange(logits, "(v b) h w -> v b h w", v=views))
+
+    @torch.no_grad()
+    def solve(self, maze: torch.Tensor, steps: int | None = None, views: Views = 1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Path masks for mazes (B, S, S) int64 -> ``(path (B, S, S) int64, checked (B,) bool)``. With ``views=8``
+        the answer is the first of the 8 views' predictions that is one simple path from start to goal, else the
+        per-cell majority (:func:`~neat_lightning.components.maze_lattice.select_path`); ``checked`` says whether
+        the answer passed that label-free check."""
+        return self.answer(maze, self.view_logits(maze, steps, views))
+
+    @staticmethod
+    def answer(maze: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, S) mazes and (V, B, S, S) view logits -> ``(path (B, S, S) int64, checked (B,) bool)``."""
+        if len(logits) == 1:
+            pred = (logits[0] > 0).long()
+            return pred, is_simple_path(maze, pred)
+        return select_path(maze, (logits > 0).long())
 
     @property
     def _longest(self) -> int:
@@ -298,22 +337,25 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         if self._last_activity is not None and self.global_step % self.hparams.metrics_every == 0:
             self.log_dict({f"lattice/{k}": v for k, v in self.cells.metrics(self._last_activity[-1]).items()})
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, steps: int) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, steps: int, views: Views = 1) -> None:
         maze, target = batch["maze"], batch["target"]
-        logits = self(maze, steps)
-        exact, pred = path_scores(logits, target)
+        logits = self.view_logits(maze, steps, views)  # (V, B, S, S)
+        pred, checked = self.answer(maze, logits)
+        exact = (pred == target).flatten(1).all(1).float()
         n = len(maze)
-        self.log(f"{stage}/loss", self._bce(logits, target), prog_bar=stage == "val", batch_size=n)
-        self.metrics[f"{stage}_exact"].update(exact)
+        self.log(f"{stage}/loss", self._bce(logits[0], target), prog_bar=stage == "val", batch_size=n)
+        for name, value in (("exact", exact), ("checked", checked.float())):
+            self.metrics[f"{stage}_{name}"].update(value)
         self.metrics[f"{stage}_f1"].update(pred.flatten(), target.flatten())
         self.log(f"{stage}/exact_path_accuracy", self.metrics[f"{stage}_exact"], prog_bar=True, batch_size=n)
         self.log(f"{stage}/cell_f1", self.metrics[f"{stage}_f1"], batch_size=n)
+        self.log(f"{stage}/path_checked", self.metrics[f"{stage}_checked"], batch_size=n)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_steps)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_steps)
+        self._evaluate(batch, "test", self.test_steps, self.hparams.test_views)
         self.log("test/steps", float(self.test_steps if self.hparams.use_lattice else self.config.steps),
                  batch_size=len(batch["maze"]))
 

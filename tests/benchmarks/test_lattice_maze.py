@@ -49,6 +49,16 @@ def test_benchmark_writes_rows_resumes_and_plots(tmp_path):
     assert bigger.returncode == 0 and bigger.stdout.count("at the missing sizes") == 6, bigger.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 * 3 and {r["maze_cells"] for r in rows} == {7, 13, 19}
+    views = subprocess.run([*args[:-10], "--sizes", "2", "--mazes", "2", *args[-4:], "--views", "8"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    assert views.returncode == 0 and views.stdout.count("at the missing sizes") == 6, views.stderr[-3000:]
+    viewed = json.loads(out.read_text())["rows"]
+    for before, after in zip(rows, viewed):  # the maze as given scores as before; 8 views only where tested
+        assert after["exact_path_accuracy"] == before["exact_path_accuracy"]
+        assert ("views8_exact_path_accuracy" in after) == (after["size_factor"] == 2)
+    assert all(0.0 <= r["views8_path_checked"] <= 1.0 for r in viewed if r["size_factor"] == 2)
+    assert "8 views + path check" in views.stdout
+    rows = viewed
     sweep = subprocess.run([*args[:-10], "--sizes", "2", "--mazes", "3", *args[-4:], "--sweep", "8", "2", "4"],
                            capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
     assert sweep.returncode == 0, sweep.stderr[-3000:]

@@ -17,12 +17,16 @@ from neat_lightning.components.maze_lattice import (
     build_rule,
     d4_permutations,
     initial_state,
+    is_simple_path,
     maze_channels,
     run_recall,
+    select_path,
+    square_views,
     tile_cells,
     tile_index,
+    unview,
 )
-from neat_lightning.data.generators.maze import WALL, make_maze, maze_batch
+from neat_lightning.data.generators.maze import FREE, GOAL, START, WALL, make_maze, maze_batch
 
 
 def test_axial_taps_are_the_four_unblurred_neighbours():
@@ -250,3 +254,78 @@ def test_masked_walls_carry_no_working_state():
     assert torch.equal(masked[wall][:, 4:], torch.zeros_like(masked[wall][:, 4:]))
     assert masked[~wall][:, 4:].abs().sum() > 0 and not torch.allclose(masked[~wall], free[~wall])
     assert torch.equal(masked[..., :4], inputs)
+
+
+def test_square_views_are_the_eight_symmetries_and_unview_maps_them_back():
+    grid = torch.arange(2 * 5 * 5).reshape(2, 5, 5)
+    views = square_views(grid)
+    assert views.shape == (8, 2, 5, 5) and torch.equal(views[0], grid)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    for moved in (torch.rot90(grid, 1, (1, 2)), grid.flip(1), grid.flip(2), grid.transpose(1, 2)):
+        assert any(torch.equal(moved, v) for v in views)
+    assert torch.equal(unview(views), grid.expand(8, -1, -1, -1))
+
+
+def _off_path_neighbour(maze: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """A free cell off the path next to a path cell (the mouth of a dead end)."""
+    size = maze.shape[-1]
+    for i in range(size):
+        for j in range(size):
+            if maze[i, j] == FREE and target[i, j] == 0 and any(
+                    0 <= i + di < size and 0 <= j + dj < size and target[i + di, j + dj] == 1
+                    for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1))):
+                return i, j
+    raise AssertionError("no dead end next to the path")
+
+
+@pytest.mark.parametrize("size", [9, 17])
+def test_the_path_check_accepts_the_shortest_path_and_nothing_else(size):
+    """On perfect mazes the label-free check passes the target and fails a path with a cell missing, with a dead-end
+    cell added, with a wall marked, without its start, and the empty and the all-free masks."""
+    batch = maze_batch([make_maze(size, seed) for seed in range(6)])
+    maze, target = batch["maze"], batch["target"]
+    assert is_simple_path(maze, target).all()
+    for b in range(len(maze)):
+        path = target[b].nonzero().tolist()
+        middle = next(c for c in path if maze[b, c[0], c[1]] == FREE)
+        wall = next(c for c in (maze[b] == WALL).nonzero().tolist())
+        spoiled = []
+        for cell, value in ((middle, 0), (_off_path_neighbour(maze[b], target[b]), 1), (wall, 1),
+                            ((maze[b] == START).nonzero()[0].tolist(), 0)):
+            mask = target[b].clone()
+            mask[cell[0], cell[1]] = value
+            spoiled.append(mask)
+        spoiled += [torch.zeros_like(target[b]), (maze[b] != WALL).long()]
+        assert not is_simple_path(maze[b].expand(len(spoiled), -1, -1), torch.stack(spoiled)).any()
+
+
+def test_the_path_check_needs_the_marked_cells_connected():
+    """A start-goal path plus a separate marked loop has the right degrees everywhere but is not one path (a maze
+    with loops: the check must not rely on perfect mazes for this)."""
+    rows = ["#######", "#S...G#", "#######", "#..####", "#..####", "#######"]
+    code = {"#": WALL, ".": FREE, "S": START, "G": GOAL}
+    maze = torch.tensor([[code[c] for c in row] for row in rows])[None]
+    path = torch.zeros_like(maze)
+    path[0, 1, 1:6] = 1
+    loop = path.clone()
+    loop[0, 3:5, 1:3] = 1
+    assert is_simple_path(maze, path).tolist() == [True] and is_simple_path(maze, loop).tolist() == [False]
+
+
+def test_select_path_takes_the_first_checked_prediction_or_the_majority():
+    batch = maze_batch([make_maze(9, seed) for seed in range(2)])
+    maze, target = batch["maze"], batch["target"]
+    cells = [c for c in target[1].nonzero().tolist() if maze[1, c[0], c[1]] == FREE][:2]
+    holed = [target[1].clone(), target[1].clone()]
+    for mask, (i, j) in zip(holed, cells):
+        mask[i, j] = 0
+    extra = target[1].clone()
+    extra[_off_path_neighbour(maze[1], target[1])] = 1
+    wrong0 = target[0].clone()
+    wrong0[cells[0][0], cells[0][1]] = 1 - wrong0[cells[0][0], cells[0][1]]
+    preds = torch.stack([torch.stack([wrong0, holed[0]]), torch.stack([target[0], holed[1]]),
+                         torch.stack([target[0], extra])])  # (3 predictions, 2 mazes, S, S)
+    answer, checked = select_path(maze, preds)
+    assert checked.tolist() == [True, False]  # maze 0: the second prediction passes; maze 1: none does
+    assert torch.equal(answer, target)  # maze 1: each error is in one prediction only, so the majority is right
+

@@ -101,6 +101,27 @@ def test_hard_fraction_trains_on_the_mazes_the_rule_scores_worst():
     assert float(loss_hard.detach()) == pytest.approx(float(loss_full.detach()), rel=1e-6)
 
 
+def test_eight_views_run_the_maze_in_every_orientation_and_test_logs_the_checked_share(tmp_path):
+    """``view_logits(views=8)`` is the maze as given first, then its 7 other rotations and reflections mapped back;
+    the axial rule's views differ, the D4-averaged rule's agree (it commutes with the square's symmetries), and a
+    test with ``test_views=8`` logs the share of answers that passed the path check."""
+    maze = data().eval_set(7, 8)["maze"]
+    L.seed_everything(0)
+    axial = LatticeMazeSolver(**tiny(test_views=8, test_steps=5)).eval()
+    logits = axial.view_logits(maze, 5, views=8)
+    assert logits.shape == (8, 8, 7, 7) and torch.allclose(logits[0], axial(maze, 5), atol=1e-5)
+    assert not torch.allclose(logits[1:], logits[:1].expand(7, -1, -1, -1), atol=1e-3)
+    d4 = LatticeMazeSolver(**tiny(maze=MazeConfig(max_steps=6, taps="d4"))).eval()
+    views = d4.view_logits(maze, 5, views=8)
+    assert torch.allclose(views[1:], views[:1].expand(7, -1, -1, -1), atol=1e-4)
+    path, checked = axial.solve(maze, 5, views=8)
+    assert path.shape == (8, 7, 7) and checked.dtype == torch.bool
+    t = trainer(tmp_path, 1)
+    t.fit(axial, data())
+    out = t.test(axial, data(), verbose=False)[0]
+    assert 0.0 <= out["test/path_checked"] <= 1.0 and 0.0 <= out["test/exact_path_accuracy"] <= 1.0
+
+
 def test_path_scores():
     target = torch.tensor([[[0, 1], [1, 0]], [[1, 1], [0, 0]]])
     logits = torch.tensor([[[-1.0, 2.0], [3.0, -4.0]], [[1.0, -1.0], [-1.0, -1.0]]])
@@ -184,6 +205,7 @@ def test_profile_type_error_and_bad_arguments():
         (dict(lattice={"height": 8, "width": 8}), r"lattice.height=8, lattice.width=8 must be equal, odd and >= 5"),
         (dict(maze={"max_steps": 3}), r"maze.max_steps=3 must be >= lattice.steps=4"),
         (dict(test_steps=0), r"test_steps=0 must be >= 1 or None"),
+        (dict(test_views=4), r"test_views=4 must be 1 or 8"),
         (dict(maze={"hard_fraction": 0.0}), r"hard_fraction=0.0 must be in \(0, 1\]"),
         (dict(baseline_width=0), r"baseline_width=0 must be >= 1 or None"),
         (dict(optim={"rule_lr_scale": 0.5}), r"optim.rule_lr_scale=0.5 must be 1"),
