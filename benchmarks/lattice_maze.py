@@ -19,12 +19,16 @@ cells) with ``test_steps = val_steps·f²`` lattice steps:
     python benchmarks/lattice_maze.py --models lattice --seeds 0 --sizes 1 2 4     # one run, three sizes
     python benchmarks/lattice_maze.py --report                         # rebuild table, rows and PNG from the JSON
     python benchmarks/lattice_maze.py --sweep 120 240 480 960 1920 --sizes 4 --mazes 100   # seed 0's lattice
+    python benchmarks/lattice_maze.py --views 8 --mazes 256 128 100 16   # also score 8 views with the path check
 
 The JSON (``benchmarks/results/lattice_maze.json``) keeps every (model, seed) run under ``runs`` (written after each
 run, atomically, so a long benchmark can be done in pieces) and the aggregate ``rows``: one per model x size factor
 with ``model``, ``size_factor``, ``maze_cells``, ``test_steps``, ``exact_path_accuracy`` (mean over seeds),
 ``per_seed``, ``cell_f1``, ``params``, ``cpu_s`` (training CPU-seconds, mean over seeds), ``eval_cpu_s`` (CPU-seconds
-to test that size) and ``seeds``. CPU-seconds are ``time.process_time`` of this process, which a busy machine does
+to test that size) and ``seeds``; with ``--views 8`` (every seed tested so) also ``views8_exact_path_accuracy``,
+``views8_per_seed``, ``views8_cell_f1`` and ``views8_path_checked``: each maze run in its 8 rotations and reflections,
+the answer the shortest prediction that is one simple path from start to goal (a label-free check, exact on the
+generator's perfect mazes), else the per-cell majority; ``views8_path_checked`` is the share of answers that passed. CPU-seconds are ``time.process_time`` of this process, which a busy machine does
 not inflate as it does wall time; the load average is recorded beside them. The PNG shows one solved maze per size.
 """
 
@@ -125,7 +129,7 @@ def train(config: dict, model: str, seed: int, steps: int, run_dir: Path):
 def evaluate(module, data, factor: int, n_mazes: int, batch: int, views: int = 1) -> dict:
     """Exact-path accuracy and per-cell F1 on ``n_mazes`` held-out mazes at ``factor`` x the training rooms, of the
     maze as given; with ``views=8`` also of the answer picked from the maze's 8 rotations and reflections
-    (``LatticeMazeSolver.solve``: the first view whose prediction passes the label-free path check, else the
+    (``LatticeMazeSolver.solve``: the shortest view prediction that passes the label-free path check, else the
     per-cell majority), under ``views8_*`` keys, and the share of those answers that passed the check."""
     import torch
     from torchmetrics.functional.classification import binary_f1_score
@@ -295,7 +299,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's max_steps)")
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--views", type=int, default=1, choices=(1, 8),
-                        help="8: also test each maze in its 8 rotations and reflections, answering with the first "
+                        help="8: also test each maze in its 8 rotations and reflections, answering with the shortest "
                              "prediction that passes the path check (views8_* keys); sizes without them are retested")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--config", type=Path, default=CONFIG)

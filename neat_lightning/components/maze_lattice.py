@@ -364,16 +364,17 @@ def is_simple_path(maze: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def select_path(maze: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One answer per maze from several predictions of it: the first that :func:`is_simple_path` accepts, or,
-    where none is, the per-cell majority (a cell is path when at least half of the predictions mark it).
+    """One answer per maze from several predictions of it: the shortest that :func:`is_simple_path` accepts (the
+    first of equal length; on a perfect maze every accepted prediction is the same path), or, where none is, the
+    per-cell majority (a cell is path when at least half of the predictions mark it).
 
     maze (B, S, S) int64, predictions (V, B, S, S) 0/1 in the maze's frame -> ``(answer (B, S, S) int64,
     checked (B,) bool)``: ``checked`` is True where the answer passed the check.
     """
     valid = torch.stack([is_simple_path(maze, p) for p in predictions])  # (V, B)
-    first = valid.float().argmax(0)  # the first accepted prediction (0 where none is)
-    chosen = predictions[first, torch.arange(maze.shape[0], device=maze.device)]
+    length = predictions.flatten(2).sum(2).float()  # (V, B) marked cells
+    best = torch.where(valid, length, torch.inf).argmin(0)  # the first shortest accepted one (0 where none is)
+    chosen = predictions[best, torch.arange(maze.shape[0], device=maze.device)]
     majority = (2 * predictions.long().sum(0) >= len(predictions)).long()
     checked = valid.any(0)
     return torch.where(checked[:, None, None], chosen.long(), majority), checked
-

@@ -97,7 +97,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         optim: the default AdamW with warm-up and cosine decay (``rule_lr_scale`` must stay 1).
         val_steps: lattice steps in validation (None: ``maze.max_steps`` or ``lattice.steps``).
         test_steps: lattice steps in testing, free to exceed the training steps on larger mazes (None: val_steps).
-        test_views: 8 runs every test maze also in its 7 other rotations and reflections and answers with the first
+        test_views: 8 runs every test maze also in its 7 other rotations and reflections and answers with the shortest
             prediction that is one simple path from start to goal (:func:`~neat_lightning.components.maze_lattice.
             is_simple_path`, label-free; exact on perfect mazes), else the per-cell majority (:meth:`solve`);
             1 answers with the maze as given. ``test/path_checked`` logs the share of answers that passed the check.
@@ -245,7 +245,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
     def solve(self, maze: torch.Tensor, steps: int | None = None, views: Views = 1
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Path masks for mazes (B, S, S) int64 -> ``(path (B, S, S) int64, checked (B,) bool)``. With ``views=8``
-        the answer is the first of the 8 views' predictions that is one simple path from start to goal, else the
+        the answer is the shortest of the 8 views' predictions that is one simple path from start to goal, else the
         per-cell majority (:func:`~neat_lightning.components.maze_lattice.select_path`); ``checked`` says whether
         the answer passed that label-free check."""
         return self.answer(maze, self.view_logits(maze, steps, views))

@@ -312,7 +312,21 @@ def test_the_path_check_needs_the_marked_cells_connected():
     assert is_simple_path(maze, path).tolist() == [True] and is_simple_path(maze, loop).tolist() == [False]
 
 
-def test_select_path_takes_the_first_checked_prediction_or_the_majority():
+def test_select_path_prefers_the_shortest_checked_path_in_a_maze_with_loops():
+    rows = ["#######", "#S...G#", "#.###.#", "#.....#", "#######"]
+    code = {"#": WALL, ".": FREE, "S": START, "G": GOAL}
+    maze = torch.tensor([[code[c] for c in row] for row in rows])[None]
+    short = torch.zeros_like(maze)
+    short[0, 1, 1:6] = 1
+    detour = torch.zeros_like(maze)
+    detour[0, 1, 1] = detour[0, 1, 5] = detour[0, 2, 1] = detour[0, 2, 5] = 1
+    detour[0, 3, 1:6] = 1
+    assert is_simple_path(maze, detour).tolist() == [True]  # a longer simple path passes the check
+    answer, checked = select_path(maze, torch.stack([detour, short]))
+    assert checked.tolist() == [True] and torch.equal(answer, short)
+
+
+def test_select_path_takes_a_checked_prediction_or_the_majority():
     batch = maze_batch([make_maze(9, seed) for seed in range(2)])
     maze, target = batch["maze"], batch["target"]
     cells = [c for c in target[1].nonzero().tolist() if maze[1, c[0], c[1]] == FREE][:2]
