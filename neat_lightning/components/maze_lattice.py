@@ -31,6 +31,11 @@ perceives symmetric functions of those four neighbours instead, so the rule does
 ``taps="d4"`` (:class:`D4LatticeRule`) averages the axial rule over the 8 orders that the square's rotations and
 reflections give them.
 
+An answer can be checked without its label: :func:`is_simple_path` says whether a predicted mask is one simple path
+of free cells from start to goal, which in a perfect maze only the shortest path is. :func:`select_path` picks the
+shortest accepted prediction among several of the same maze, e.g. those of its 8 rotations and reflections
+(:func:`square_views`, :func:`unview`).
+
 Axis legend: ``b`` batch, ``c`` cell channels, ``k`` maze classes (4), ``n`` cells (``d·h·w``), ``d h w`` lattice
 depth/height/width.
 """

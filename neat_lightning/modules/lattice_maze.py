@@ -21,7 +21,8 @@ training.
 Batches: ``{"maze": (B, S, S) int64, "target": (B, S, S) int64}`` from
 :class:`~neat_lightning.data.maze.MazeDataModule`. Logged: ``train/loss``, ``train/steps``, ``val/loss``,
 ``val/exact_path_accuracy`` (a maze counts when every cell is right), ``val/cell_f1`` (path cells, torchmetrics),
-the same under ``test/`` (with ``test_steps``), and ``lattice/activity``, ``lattice/emergence``,
+the same under ``test/`` (with ``test_steps``, and with ``test_views=8`` the answer checked over the maze's 8 views:
+:meth:`LatticeMazeSolver.solve`) plus ``test/path_checked``, and ``lattice/activity``, ``lattice/emergence``,
 ``lattice/wavelength``, ``lattice/clusters``, ``lattice/sparsity``.
 """
 
@@ -66,12 +67,12 @@ from neat_lightning.modules.optim import default_adamw
 from neat_lightning.modules.plastic import PlasticLattice
 
 STRUCTURE_NAME = "lattice_maze"
+Views = Literal[1, 8]  # a maze as given, or in all 8 rotations and reflections of the square
 GROUPS: dict[str, type] = {
     "lattice": LatticeConfig, "maze": MazeConfig, "plasticity": PlasticityConfig, "clustering": ClusteringConfig,
     "optim": LatticeOptimConfig,
 }
 MAZE_LATTICE = LatticeConfig(depth=1, height=9, width=9, channels=6, hidden=32, steps=30, fire_rate=1.0)
-Views = Literal[1, 8]
 MAZE_OPTIM = LatticeOptimConfig(learning_rate=1e-2, weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1)
 
 
