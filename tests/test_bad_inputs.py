@@ -358,8 +358,9 @@ def test_bad_input(name, fn, exc, match, tmp_path, ckpt, monkeypatch):
 
 # -- the `neat` command: one line on stderr naming the field, the value and the rule; exit code 2 ------------------
 # (id, arguments, regex the one error line must match). Placeholders: {quickstart} and {vqvae} (shipped configs),
-# {bleu} (the BLEU monitor fragment), {ckpt} (a ByteLM checkpoint written by a plain Trainer), {cli_ckpt} (the
-# same, with the classes LightningCLI records), {newer_ckpt} (a checkpoint of a future format), {truncated_ckpt} (its
+# {bleu} (the BLEU monitor fragment), {ckpt} (a ByteLM checkpoint written by a plain Trainer), {classless_ckpt} (the
+# same without its module class, as older checkpoints are), {cli_ckpt} (the same, with the classes LightningCLI
+# records), {newer_ckpt} (a checkpoint of a future format), {truncated_ckpt} (its
 # first 1000 bytes), {empty} (an empty text file), {broken} (invalid YAML).
 
 CLI_CATALOGUE = [
@@ -390,8 +391,8 @@ CLI_CATALOGUE = [
      r"^neat validate: --ckpt_path: checkpoint '.*cli.ckpt' holds a ByteLM, the config's model is VQVAE "
      r"\(neat_lightning.modules.VQVAE\); it was trained on ByteTextDataModule, the config's data is ImageDataModule"),
     ("checkpoint of another model (class from its hyperparameters)",
-     ["validate", "--config", "{vqvae}", "--ckpt_path", "{ckpt}"],
-     r"--ckpt_path: checkpoint '.*good.ckpt' holds a ByteLM, the config's model is VQVAE"),
+     ["validate", "--config", "{vqvae}", "--ckpt_path", "{classless_ckpt}"],
+     r"--ckpt_path: checkpoint '.*classless.ckpt' holds a ByteLM, the config's model is VQVAE"),
     ("callback on a module lacking its protocol", ["fit", "--config", "{vqvae}", "--config", "{bleu}",
                                                    "--trainer.fast_dev_run", "true"],
      r"^neat fit: callback DecoderBLEUMonitor: DecoderBLEUMonitor needs a module implementing the TextGenerator "
@@ -409,6 +410,8 @@ def cli_inputs(ckpt, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli_inputs")
     repo = Path(__file__).resolve().parents[1]
     checkpoint = torch.load(ckpt, weights_only=False)
+    torch.save({**checkpoint, "hyper_parameters": {k: v for k, v in checkpoint["hyper_parameters"].items()
+                                                   if k != "_class_path"}}, root / "classless.ckpt")
     checkpoint["hyper_parameters"]["_class_path"] = "neat_lightning.modules.ByteLM"  # as LightningCLI records them
     checkpoint["datamodule_hyper_parameters"] = {"_class_path": "neat_lightning.data.ByteTextDataModule"}
     torch.save(checkpoint, root / "cli.ckpt")
@@ -420,7 +423,8 @@ def cli_inputs(ckpt, tmp_path_factory) -> dict[str, str]:
     return {"quickstart": str(repo / "configs" / "byte_lm_quickstart.yaml"),
             "vqvae": str(repo / "configs" / "vqvae_quickstart.yaml"),
             "bleu": str(repo / "callbacks" / "bleu_monitor.yaml"), "ckpt": str(ckpt),
-            **{name: str(root / name.replace("_", ".")) for name in ("cli_ckpt", "newer_ckpt", "truncated_ckpt")},
+            **{name: str(root / name.replace("_", ".")) for name in ("cli_ckpt", "newer_ckpt", "truncated_ckpt",
+                                                                    "classless_ckpt")},
             "empty": str(root / "empty.txt"), "broken": str(root / "broken.yaml")}
 
 

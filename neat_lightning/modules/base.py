@@ -162,6 +162,13 @@ class ResumableModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[FORMAT_KEY] = FORMAT
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if hparams is not None and "_class_path" not in hparams:
+            # LightningCLI records the class of the modules it builds; a checkpoint written by a plain Trainer (the
+            # benchmarks) records it here, so `neat test --ckpt_path` reads its hyperparameters as this class's.
+            # A new dict: Lightning may have put the module's own hparams object here.
+            path = f"{type(self).__module__}.{type(self).__qualname__}"
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {**hparams, "_class_path": path}
         if self.structure:
             checkpoint[STRUCTURE_KEY] = dict(self.structure)
         # Lightning does not checkpoint random states; without them a resumed run draws other dropout masks.

@@ -33,8 +33,8 @@ class RenamedLM(ByteLM):
 
 
 def save_format_1(cls: type[ByteLM], path: Path, rename: bool = False) -> Path:
-    """A checkpoint as format 1 wrote it: saved by a real Trainer, then ``neat_format`` deleted (and, for
-    ``RenamedLM``, ``dim`` renamed back to ``width``)."""
+    """A checkpoint as format 1 wrote it: saved by a real Trainer, then ``neat_format`` and the module class
+    deleted (and, for ``RenamedLM``, ``dim`` renamed back to ``width``)."""
     L.seed_everything(0)
     model = cls(dim=16, n_layers=1, heads=2, block_size=16, warmup_steps=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
@@ -43,6 +43,7 @@ def save_format_1(cls: type[ByteLM], path: Path, rename: bool = False) -> Path:
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
     del checkpoint[FORMAT_KEY]
+    del checkpoint["hyper_parameters"]["_class_path"]
     if rename:
         checkpoint["hyper_parameters"]["width"] = checkpoint["hyper_parameters"].pop("dim")
     torch.save(checkpoint, path)

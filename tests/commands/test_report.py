@@ -63,7 +63,7 @@ def check(result: dict, printed: str, run) -> None:
     assert len(result["samples"]) == 2 and all(isinstance(s, str) for s in result["samples"])
     printed = " ".join(printed.split())  # rich wraps the titles to the table's width
     assert result["checkpoint"]["path"] == str(run["ckpt"]) and result["checkpoint"]["global_step"] == 3
-    assert f"checkpoint: {run['ckpt']} (global step 3, written " in printed
+    assert f"checkpoint: {run['ckpt']} (ByteLM, global step 3, written " in printed
     assert f"Validation bits per byte ({len(VAL.encode()):,} bytes, 1 documents)" in printed
     for label in ("ByteLM (", "gzip -9", "bz2 -9", "xz -9e", "vs xz -9e", "Samples (temperature 0.8, top-k 40)"):
         assert label in printed, label

@@ -167,11 +167,11 @@ def test_json_has_the_cache_keys(files, capsys):
 def test_table_names_the_checkpoint(files, capsys):
     assert main(["--ckpt", str(files["lm"]), "--input", str(files["text"]), "--context", "32"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert f"checkpoint: {files['lm']} (global step 3, written " in printed
+    assert f"checkpoint: {files['lm']} (ByteLM, global step 3, written " in printed
     for label in ("ByteLM (", "static", "gzip -9", "bz2 -9", "xz -9e", "bytes/s"):
         assert label in printed, label
     assert "adaptive" not in printed
-    assert describe_checkpoint(files["lm"]).startswith(f"{files['lm']} (global step 3, written ")
+    assert describe_checkpoint(files["lm"]).startswith(f"{files['lm']} (ByteLM, global step 3, written ")
 
 
 def test_titans_memory_and_gradient_side_by_side(files, capsys):

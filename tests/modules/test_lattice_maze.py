@@ -218,3 +218,29 @@ def test_profile_type_error_and_bad_arguments():
 def test_training_on_another_maze_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"training maze side 9 differs from lattice.height=7"):
         trainer(tmp_path, 1, limit_val_batches=0).fit(LatticeMazeSolver(**tiny()), data(size=9))
+
+
+def test_a_checkpoint_of_a_plain_trainer_tests_through_the_cli(tmp_path, monkeypatch, capsys):
+    """A checkpoint written outside the CLI (as the benchmark writes them) records its module class, so
+    ``neat test --config configs/lattice_maze.yaml --ckpt_path X`` reads its hyperparameters as this class's and tests
+    it with the config's 8 views."""
+    import sys
+    from pathlib import Path
+
+    from neat_lightning.cli import main
+
+    L.seed_everything(0)
+    t = trainer(tmp_path, 1)
+    t.fit(LatticeMazeSolver(**tiny()), data())
+    t.save_checkpoint(tmp_path / "plain.ckpt")
+    saved = torch.load(tmp_path / "plain.ckpt", weights_only=False)["hyper_parameters"]
+    assert saved["_class_path"] == "neat_lightning.modules.lattice_maze.LatticeMazeSolver"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["neat"])
+    config = Path(__file__).resolve().parents[2] / "configs" / "lattice_maze.yaml"
+    code = main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "plain.ckpt"),
+                 "--data.init_args.test_size", "11", "--data.init_args.test_mazes", "2",
+                 "--model.init_args.test_steps", "4", "--runs_dir", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "test/path_checked" in out.out
