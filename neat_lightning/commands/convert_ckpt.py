@@ -39,7 +39,8 @@ def module_class(name: str | None, checkpoint: dict[str, Any], source: str) -> t
     wanted = name or recorded
     if not wanted:
         raise ValueError(
-            f"{source} records no module class (it was not written by the neat CLI): pass --model NAME, one of "
+            f"{source} records no module class (older checkpoints written outside the neat CLI do not): "
+            "pass --model NAME, one of "
             f"{', '.join(modules.__all__)}"
         )
     module_name, _, cls_name = wanted.rpartition(".")

@@ -107,8 +107,8 @@ def test_in_place_only_when_asked(old, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["{old}", "{out}"], r"IN='.*old.ckpt' records no module class \(it was not written by the neat CLI\): pass "
-                         r"--model NAME, one of ByteLM, VQVAE"),
+    (["{old}", "{out}"], r"IN='.*old.ckpt' records no module class \(older checkpoints written outside the neat "
+                         r"CLI do not\): pass --model NAME, one of ByteLM, VQVAE"),
     (["{old}", "{out}", "--model", "NoSuchModel"], r"--model='NoSuchModel' is not a module class"),
     (["{old}", "{out}", "--model", "torch.nn.Linear"], r"--model='torch.nn.Linear' is .* not a ResumableModule"),
     (["{missing}", "{out}", "--model", "ByteLM"], r"IN: no such file: '.*missing.ckpt'"),
