@@ -28,8 +28,9 @@ with ``model``, ``size_factor``, ``maze_cells``, ``test_steps``, ``exact_path_ac
 to test that size) and ``seeds``; with ``--views 8`` (every seed tested so) also ``views8_exact_path_accuracy``,
 ``views8_per_seed``, ``views8_cell_f1`` and ``views8_path_checked``: each maze run in its 8 rotations and reflections,
 the answer the shortest prediction that is one simple path from start to goal (a label-free check, exact on the
-generator's perfect mazes), else the per-cell majority; ``views8_path_checked`` is the share of answers that passed. CPU-seconds are ``time.process_time`` of this process, which a busy machine does
-not inflate as it does wall time; the load average is recorded beside them. The PNG shows one solved maze per size.
+generator's perfect mazes), else the per-cell majority; ``views8_path_checked`` is the share of answers that passed.
+CPU-seconds are ``time.process_time`` of this process, which a busy machine does not inflate as it does wall time;
+the load average is recorded beside them. The PNG shows one solved maze per size.
 """
 
 from __future__ import annotations
