@@ -135,6 +135,9 @@ def evaluate(module, data, factor: int, n_mazes: int, batch: int, views: int = 1
     import torch
     from torchmetrics.functional.classification import binary_f1_score
 
+    from neat_lightning.components.maze_lattice import select_path
+    from neat_lightning.modules.lattice_maze import exact_paths
+
     size = 2 * factor * (module.config.height // 2) + 1
     steps = module.val_steps * factor**2 if module.hparams.use_lattice else module.config.steps
     mazes = data.eval_set(size, n_mazes)
@@ -148,10 +151,10 @@ def evaluate(module, data, factor: int, n_mazes: int, batch: int, views: int = 1
             logits = module.view_logits(maze, steps, views)  # (V, b, S, S), the maze as given first
             plain.append((logits[0] > 0).long())
             if views > 1:
-                answer, ok = module.answer(maze, logits)
+                answer, ok = select_path(maze, (logits > 0).long())
                 answers.append(answer)
                 checked.append(ok)
-    exact = lambda pred: float((pred == target).flatten(1).all(1).float().mean())
+    exact = lambda pred: float(exact_paths(pred, target).mean())
     f1 = lambda pred: float(binary_f1_score(pred.flatten(), target.flatten()))
     pred = torch.cat(plain)
     out = {"maze_cells": size, "test_steps": steps, "n_mazes": n_mazes,
@@ -338,12 +341,15 @@ def main() -> None:
         from neat_lightning.data.maze import MazeDataModule
 
         data = MazeDataModule(**config["data"]["init_args"])
+
+        def tested(run: dict, factor: int) -> bool:  # the run has this size, with 8 views when they are asked for
+            size = run["sizes"].get(str(factor))
+            return size is not None and (args.views == 1 or "views8_exact_path_accuracy" in size)
+
         for seed in args.seeds:  # seeds outermost: a cut-short benchmark still has every model at seed 0
             for model in args.models:
                 old = next((r for r in runs if r["model"] == model and r["seed"] == seed and r["steps"] == steps),
                            None)
-                tested = lambda r, f: str(f) in r["sizes"] and (
-                    args.views == 1 or "views8_exact_path_accuracy" in r["sizes"][str(f)])
                 if old is not None and not args.fresh and all(tested(old, f) for f in args.sizes):
                     print(f"{model} seed {seed}: in {args.out.name}, skipped", flush=True)
                     continue

@@ -371,7 +371,8 @@ def is_simple_path(maze: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def select_path(maze: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One answer per maze from several predictions of it: the shortest that :func:`is_simple_path` accepts (the
     first of equal length; on a perfect maze every accepted prediction is the same path), or, where none is, the
-    per-cell majority (a cell is path when at least half of the predictions mark it).
+    per-cell majority (a cell is path when at least half of the predictions mark it). One prediction is its own
+    answer either way.
 
     maze (B, S, S) int64, predictions (V, B, S, S) 0/1 in the maze's frame -> ``(answer (B, S, S) int64,
     checked (B,) bool)``: ``checked`` is True where the answer passed the check.

@@ -47,7 +47,6 @@ from neat_lightning.components.maze_lattice import (
     FixedDepthConvNet,
     MazeConfig,
     build_rule,
-    is_simple_path,
     maze_channels,
     run_recall,
     select_path,
@@ -76,11 +75,16 @@ MAZE_LATTICE = LatticeConfig(depth=1, height=9, width=9, channels=6, hidden=32, 
 MAZE_OPTIM = LatticeOptimConfig(learning_rate=1e-2, weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1)
 
 
+def exact_paths(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) 0/1 predictions and targets -> (B,) float: 1 where every cell of the maze is right."""
+    return (pred == target).flatten(1).all(1).float()
+
+
 def path_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, S) logits and 0/1 targets -> ``(exact (B,) float, predicted (B, S, S) int64)``: a maze is exact when
     every cell's prediction ``logit > 0`` equals its target."""
     pred = (logits > 0).long()
-    return (pred == target).flatten(1).all(1).float(), pred
+    return exact_paths(pred, target), pred
 
 
 class LatticeMazeSolver(PlasticLattice, ResumableModule):
@@ -249,15 +253,7 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
         the answer is the shortest of the 8 views' predictions that is one simple path from start to goal, else the
         per-cell majority (:func:`~neat_lightning.components.maze_lattice.select_path`); ``checked`` says whether
         the answer passed that label-free check."""
-        return self.answer(maze, self.view_logits(maze, steps, views))
-
-    @staticmethod
-    def answer(maze: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, S) mazes and (V, B, S, S) view logits -> ``(path (B, S, S) int64, checked (B,) bool)``."""
-        if len(logits) == 1:
-            pred = (logits[0] > 0).long()
-            return pred, is_simple_path(maze, pred)
-        return select_path(maze, (logits > 0).long())
+        return select_path(maze, (self.view_logits(maze, steps, views) > 0).long())
 
     @property
     def _longest(self) -> int:
@@ -341,8 +337,8 @@ class LatticeMazeSolver(PlasticLattice, ResumableModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, steps: int, views: Views = 1) -> None:
         maze, target = batch["maze"], batch["target"]
         logits = self.view_logits(maze, steps, views)  # (V, B, S, S)
-        pred, checked = self.answer(maze, logits)
-        exact = (pred == target).flatten(1).all(1).float()
+        pred, checked = select_path(maze, (logits > 0).long())  # one view: its prediction, checked
+        exact = exact_paths(pred, target)
         n = len(maze)
         self.log(f"{stage}/loss", self._bce(logits[0], target), prog_bar=stage == "val", batch_size=n)
         for name, value in (("exact", exact), ("checked", checked.float())):

@@ -299,12 +299,16 @@ def test_the_path_check_accepts_the_shortest_path_and_nothing_else(size):
         assert not is_simple_path(maze[b].expand(len(spoiled), -1, -1), torch.stack(spoiled)).any()
 
 
+def drawn_maze(rows: list[str]) -> torch.Tensor:
+    """Rows of ``#`` wall, ``.`` free, ``S`` start, ``G`` goal -> (1, H, W) int64 cell classes."""
+    code = {"#": WALL, ".": FREE, "S": START, "G": GOAL}
+    return torch.tensor([[code[c] for c in row] for row in rows])[None]
+
+
 def test_the_path_check_needs_the_marked_cells_connected():
     """A start-goal path plus a separate marked loop has the right degrees everywhere but is not one path (a maze
     with loops: the check must not rely on perfect mazes for this)."""
-    rows = ["#######", "#S...G#", "#######", "#..####", "#..####", "#######"]
-    code = {"#": WALL, ".": FREE, "S": START, "G": GOAL}
-    maze = torch.tensor([[code[c] for c in row] for row in rows])[None]
+    maze = drawn_maze(["#######", "#S...G#", "#######", "#..####", "#..####", "#######"])
     path = torch.zeros_like(maze)
     path[0, 1, 1:6] = 1
     loop = path.clone()
@@ -313,9 +317,7 @@ def test_the_path_check_needs_the_marked_cells_connected():
 
 
 def test_select_path_prefers_the_shortest_checked_path_in_a_maze_with_loops():
-    rows = ["#######", "#S...G#", "#.###.#", "#.....#", "#######"]
-    code = {"#": WALL, ".": FREE, "S": START, "G": GOAL}
-    maze = torch.tensor([[code[c] for c in row] for row in rows])[None]
+    maze = drawn_maze(["#######", "#S...G#", "#.###.#", "#.....#", "#######"])
     short = torch.zeros_like(maze)
     short[0, 1, 1:6] = 1
     detour = torch.zeros_like(maze)
@@ -342,4 +344,7 @@ def test_select_path_takes_a_checked_prediction_or_the_majority():
     answer, checked = select_path(maze, preds)
     assert checked.tolist() == [True, False]  # maze 0: the second prediction passes; maze 1: none does
     assert torch.equal(answer, target)  # maze 1: each error is in one prediction only, so the majority is right
+    for one in preds:  # one prediction is its own answer, checked or not
+        answer, checked = select_path(maze, one[None])
+        assert torch.equal(answer, one) and torch.equal(checked, is_simple_path(maze, one))
 
